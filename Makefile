@@ -1,0 +1,50 @@
+# Switchyard — every setup step lives here so a fresh clone needs only `make run` / `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PORT   ?= 8000
+ENGINES ?= 4
+# The real vLLM engine lives in a cached venv outside the repository (3.5 GB; see docs/enginesim.md).
+REAL_ENGINE_HOME ?= $(HOME)/.cache/switchyard/real-engine
+
+.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/switchyard up --port $(PORT) --engines $(ENGINES)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check gateway routing kvcache autoscale enginesim
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest -m "not real_engine" -p no:cacheprovider
+
+test: lint typecheck unit
+
+test-engine: $(STAMP)
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) bash scripts/real_engine_setup.sh
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) $(PY) -m pytest -m real_engine -p no:cacheprovider
+
+calibrate: $(STAMP)
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) bash scripts/real_engine_setup.sh
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) $(PY) -m benchmarks.engine.calibrate
+
+bench-engine: $(STAMP)
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) bash scripts/real_engine_setup.sh
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) $(PY) -m benchmarks.engine.compare
+
+bench-routing: $(STAMP)
+	$(PY) -m benchmarks.routing
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info

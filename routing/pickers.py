@@ -1,0 +1,75 @@
+"""Pickers: turn combined scores into a ranking. Ties are spread, never piled on one endpoint.
+
+Randomness is derived from ``RouteRequest.seq`` through xxhash, so pickers are pure and
+table-testable while consecutive requests still spread across equal endpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from routing.types import EndpointSnapshot, RouteRequest
+
+
+def _jitter(seq: int, endpoint_id: str) -> int:
+    return xxhash.xxh3_64_intdigest(f"{seq}\x00{endpoint_id}".encode())
+
+
+@dataclass(frozen=True, slots=True)
+class MaxScorePicker:
+    """Highest score first; scores within ``tie_epsilon`` count as equal and are shuffled by seq.
+
+    Example: ``MaxScorePicker().pick(req, eps, [0.2, 0.9])[0] is eps[1]``.
+    """
+
+    tie_epsilon: float = 1e-6
+    name: str = "max-score"
+
+    def pick(
+        self,
+        req: RouteRequest,
+        endpoints: Sequence[EndpointSnapshot],
+        scores: Sequence[float],
+    ) -> list[EndpointSnapshot]:
+        eps = self.tie_epsilon
+
+        def key(pair: tuple[EndpointSnapshot, float]) -> tuple[int, int]:
+            ep, score = pair
+            return (-int(score / eps) if eps > 0 else 0, _jitter(req.seq, ep.id))
+
+        return [ep for ep, _ in sorted(zip(endpoints, scores, strict=True), key=key)]
+
+
+@dataclass(frozen=True, slots=True)
+class RandomPicker:
+    """A uniformly random ranking (per ``seq``), ignoring scores."""
+
+    name: str = "random"
+
+    def pick(
+        self,
+        req: RouteRequest,
+        endpoints: Sequence[EndpointSnapshot],
+        scores: Sequence[float],
+    ) -> list[EndpointSnapshot]:
+        return sorted(endpoints, key=lambda ep: _jitter(req.seq, ep.id))
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRobinPicker:
+    """Endpoint ``seq mod n`` (in id order) first, then the ones after it."""
+
+    name: str = "round-robin"
+
+    def pick(
+        self,
+        req: RouteRequest,
+        endpoints: Sequence[EndpointSnapshot],
+        scores: Sequence[float],
+    ) -> list[EndpointSnapshot]:
+        ordered = sorted(endpoints, key=lambda ep: ep.id)
+        start = req.seq % len(ordered)
+        return ordered[start:] + ordered[:start]

@@ -1,0 +1,68 @@
+"""A policy = filters, then weighted scorers, then a picker; :meth:`Policy.choose` ranks endpoints.
+
+Example::
+
+    policy = Policy(name="least-request", filters=(ServesModel(),),
+                    scorers=((LeastRequest(), 1.0),), picker=MaxScorePicker())
+    decision = policy.choose(req, endpoints)
+    decision.ranked[0]  # the endpoint to try first; the proxy fails over down the list
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from routing.types import EndpointSnapshot, Filter, Picker, RouteRequest, Scorer
+
+
+class NoEndpointError(LookupError):
+    """No endpoint survived the filters; ``reason`` names the filter that emptied the set."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The ranked endpoints plus enough detail to explain the choice."""
+
+    ranked: tuple[EndpointSnapshot, ...]
+    policy: str
+    scores: tuple[tuple[str, float], ...] = ()
+
+    def explain(self) -> str:
+        """A short header-safe explanation: ``policy;e1=0.912,e2=0.400``."""
+        parts = ",".join(f"{eid}={score:.3f}" for eid, score in self.scores)
+        return f"{self.policy};{parts}" if parts else self.policy
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Composition of small pure plugins; see module docstring."""
+
+    name: str
+    filters: tuple[Filter, ...]
+    scorers: tuple[tuple[Scorer, float], ...]
+    picker: Picker
+
+    def choose(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> Decision:
+        candidates: Sequence[EndpointSnapshot] = endpoints
+        for flt in self.filters:
+            candidates = flt.filter(req, candidates)
+            if not candidates:
+                raise NoEndpointError(flt.name)
+        total = [0.0] * len(candidates)
+        weight_sum = sum(w for _, w in self.scorers) or 1.0
+        for scorer, weight in self.scorers:
+            for i, value in enumerate(scorer.score(req, candidates)):
+                total[i] += weight * min(1.0, max(0.0, value))
+        combined = [t / weight_sum for t in total]
+        ranked = self.picker.pick(req, candidates, combined)
+        by_id = {ep.id: s for ep, s in zip(candidates, combined, strict=True)}
+        return Decision(
+            ranked=tuple(ranked),
+            policy=self.name,
+            scores=tuple((ep.id, by_id[ep.id]) for ep in ranked),
+        )

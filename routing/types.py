@@ -1,0 +1,97 @@
+"""Data types every policy sees: the request's routing fields and endpoint snapshots.
+
+Policies are pure: they get a :class:`RouteRequest` and a sequence of immutable
+:class:`EndpointSnapshot` values and return a ranking. All I/O (scraping ``/metrics``,
+KV events, prefix-index lookups) happens before the call and lands in these values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """The fields of one request that routing may look at.
+
+    ``seq`` is a gateway-wide monotone counter (round-robin and tie-breaks derive from it, so
+    policies need no mutable state); ``prefix_blocks`` maps endpoint id to the number of the
+    request's leading blocks that endpoint is believed to hold, looked up before routing.
+
+    Example: ``RouteRequest(model="llama", seq=7, prompt_tokens=900)``.
+    """
+
+    model: str
+    seq: int = 0
+    adapter: str | None = None
+    prompt_tokens: int = 0
+    max_tokens: int | None = None
+    block_hashes: tuple[int, ...] = ()
+    block_tokens: int = 16
+    prefix_blocks: Mapping[str, int] = field(default_factory=dict)
+    session_key: str | None = None
+    user: str | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSnapshot:
+    """One engine's state at routing time (gateway counters + last scrape).
+
+    Example: ``EndpointSnapshot(id="e1", url="http://127.0.0.1:8001", models=frozenset({"m"}))``.
+    """
+
+    id: str
+    url: str
+    models: frozenset[str] = frozenset()
+    healthy: bool = True
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    ttft_ewma_s: float | None = None
+    itl_ewma_s: float | None = None
+    max_num_seqs: int | None = None
+    scraped_at: float | None = None
+
+    @property
+    def load(self) -> int:
+        """Requests this endpoint is working on, by the larger of our count and its own."""
+        return max(self.in_flight, self.running + self.waiting)
+
+
+class Filter(Protocol):
+    """Drops endpoints that must not serve the request; may return an empty sequence."""
+
+    @property
+    def name(self) -> str: ...
+
+    def filter(
+        self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]
+    ) -> Sequence[EndpointSnapshot]: ...
+
+
+class Scorer(Protocol):
+    """Scores each endpoint in [0, 1]; higher is better. One float per endpoint, in order."""
+
+    @property
+    def name(self) -> str: ...
+
+    def score(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> list[float]: ...
+
+
+class Picker(Protocol):
+    """Ranks endpoints from their combined scores; returns a non-empty list."""
+
+    @property
+    def name(self) -> str: ...
+
+    def pick(
+        self,
+        req: RouteRequest,
+        endpoints: Sequence[EndpointSnapshot],
+        scores: Sequence[float],
+    ) -> list[EndpointSnapshot]: ...
