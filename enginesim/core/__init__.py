@@ -1,0 +1,1 @@
+"""The simulated engine's pure model: scheduler, timing, KV cache, LoRA slots. No I/O, no clock."""
