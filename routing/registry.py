@@ -19,9 +19,7 @@ def _random() -> Policy:
 
 
 def _round_robin() -> Policy:
-    return Policy(
-        name="round-robin", filters=_BASE_FILTERS, scorers=(), picker=RoundRobinPicker()
-    )
+    return Policy(name="round-robin", filters=_BASE_FILTERS, scorers=(), picker=RoundRobinPicker())
 
 
 def _least_request() -> Policy:
