@@ -31,6 +31,8 @@ class Decision:
     ranked: tuple[EndpointSnapshot, ...]
     policy: str
     scores: tuple[tuple[str, float], ...] = ()
+    details: tuple[str, ...] = ()
+    """Per-scorer breakdowns (``scorer:...``), filled only by ``choose(..., explain=True)``."""
 
     def explain(self) -> str:
         """A short header-safe explanation: ``policy;e1=0.912,e2=0.400``."""
@@ -47,17 +49,31 @@ class Policy:
     scorers: tuple[tuple[Scorer, float], ...]
     picker: Picker
 
-    def choose(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> Decision:
+    def choose(
+        self,
+        req: RouteRequest,
+        endpoints: Sequence[EndpointSnapshot],
+        *,
+        explain: bool = False,
+    ) -> Decision:
+        """Rank ``endpoints``; with ``explain`` also collect scorers' breakdowns (slower)."""
         candidates: Sequence[EndpointSnapshot] = endpoints
+        details: list[str] = []
         for flt in self.filters:
+            before = len(candidates)
             candidates = flt.filter(req, candidates)
             if not candidates:
                 raise NoEndpointError(flt.name)
+            if explain and len(candidates) != before:
+                details.append(f"{flt.name}:kept={len(candidates)}/{before}")
         total = [0.0] * len(candidates)
         weight_sum = sum(w for _, w in self.scorers) or 1.0
         for scorer, weight in self.scorers:
             for i, value in enumerate(scorer.score(req, candidates)):
                 total[i] += weight * min(1.0, max(0.0, value))
+            describe = getattr(scorer, "explain", None) if explain else None
+            if describe is not None:
+                details.append(f"{scorer.name}:" + ";".join(describe(req, candidates)))
         combined = [t / weight_sum for t in total]
         ranked = self.picker.pick(req, candidates, combined)
         by_id = {ep.id: s for ep, s in zip(candidates, combined, strict=True)}
@@ -65,4 +81,5 @@ class Policy:
             ranked=tuple(ranked),
             policy=self.name,
             scores=tuple((ep.id, by_id[ep.id]) for ep in ranked),
+            details=tuple(details),
         )

@@ -34,6 +34,8 @@ class RouteRequest:
     session_key: str | None = None
     user: str | None = None
     stream: bool = False
+    fairness: FairnessView | None = None
+    """The requesting user's virtual-token standing (VTC), filled by the gateway's counters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +58,32 @@ class EndpointSnapshot:
     itl_ewma_s: float | None = None
     max_num_seqs: int | None = None
     scraped_at: float | None = None
+    prefill_tokens: int = 0
+    """Prompt tokens we sent that have not produced a first token yet (queued prefill work)."""
+    block_size: int | None = None
+    """The engine's KV block size in tokens (``vllm:cache_config_info``), when known."""
+    running_adapters: frozenset[str] = frozenset()
+    """LoRA adapters with requests running or waiting (``vllm:lora_requests_info``)."""
 
     @property
     def load(self) -> int:
         """Requests this endpoint is working on, by the larger of our count and its own."""
         return max(self.in_flight, self.running + self.waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class FairnessView:
+    """One user's virtual token counter against the active users' range (VTC, Sheng et al. 2024).
+
+    ``counter`` is the user's weighted service received (input + ``w_out`` x output tokens);
+    ``low``/``high`` are the smallest and largest counters among users with requests in flight.
+    Example: ``FairnessView(counter=5000, low=0, high=8000, active_users=3)``.
+    """
+
+    counter: float
+    low: float
+    high: float
+    active_users: int = 1
 
 
 class Filter(Protocol):

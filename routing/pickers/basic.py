@@ -1,4 +1,6 @@
-"""Pickers: turn combined scores into a ranking. Ties are spread, never piled on one endpoint.
+"""Basic pickers (max-score, random, round-robin): combined scores -> a ranking.
+
+Ties are spread, never piled on one endpoint.
 
 Randomness is derived from ``RouteRequest.seq`` through xxhash, so pickers are pure and
 table-testable while consecutive requests still spread across equal endpoints.
@@ -14,7 +16,8 @@ import xxhash
 from routing.types import EndpointSnapshot, RouteRequest
 
 
-def _jitter(seq: int, endpoint_id: str) -> int:
+def jitter(seq: int, endpoint_id: str) -> int:
+    """A deterministic pseudo-random 64-bit value per (request seq, endpoint)."""
     return xxhash.xxh3_64_intdigest(f"{seq}\x00{endpoint_id}".encode())
 
 
@@ -38,7 +41,7 @@ class MaxScorePicker:
 
         def key(pair: tuple[EndpointSnapshot, float]) -> tuple[int, int]:
             ep, score = pair
-            return (-int(score / eps) if eps > 0 else 0, _jitter(req.seq, ep.id))
+            return (-int(score / eps) if eps > 0 else 0, jitter(req.seq, ep.id))
 
         return [ep for ep, _ in sorted(zip(endpoints, scores, strict=True), key=key)]
 
@@ -55,7 +58,7 @@ class RandomPicker:
         endpoints: Sequence[EndpointSnapshot],
         scores: Sequence[float],
     ) -> list[EndpointSnapshot]:
-        return sorted(endpoints, key=lambda ep: _jitter(req.seq, ep.id))
+        return sorted(endpoints, key=lambda ep: jitter(req.seq, ep.id))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Filters: which endpoints may serve a request at all."""
+"""Basic filters (healthy, serves-model): which endpoints may serve a request at all."""
 
 from __future__ import annotations
 

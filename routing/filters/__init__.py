@@ -1,0 +1,8 @@
+"""Filters: which endpoints may serve a request at all (one module per filter)."""
+
+from __future__ import annotations
+
+from routing.filters.basic import Healthy, ServesModel
+from routing.filters.saturation import NotSaturated
+
+__all__ = ["Healthy", "NotSaturated", "ServesModel"]

@@ -1,0 +1,96 @@
+"""Prefix-cache-aware scorer: a TTFT cost model, not a match-ratio threshold.
+
+For each endpoint the expected time to first token is estimated as::
+
+    est = (queued_prefill_tokens + uncached_prompt_tokens) * prefill_s_per_token
+          + load * decode_s_per_request
+          + kv_penalty_s * max(0, kv_usage - kv_threshold) / (1 - kv_threshold)
+
+* ``uncached_prompt_tokens`` = prompt tokens minus the leading blocks the prefix index says
+  the endpoint holds (``RouteRequest.prefix_blocks`` x ``block_tokens``) -- the work a cache
+  hit saves;
+* ``queued_prefill_tokens`` (gateway counter, :mod:`routing.state`) is prefill work already
+  sent there that has not produced a first token -- the queue we would wait behind;
+* ``load`` (in flight, or the engine's running + waiting) slows every step by batching;
+* a nearly full KV cache evicts the very prefixes we hope to reuse and preempts requests.
+
+The score is ``best_est / own_est`` (1.0 for the cheapest). So a warm endpoint wins while its
+saving exceeds its extra queue; once the hot endpoint's queue costs more than recomputing the
+prefix elsewhere, traffic spills over and the prefix gets replicated -- no fixed threshold.
+Cold requests (no match anywhere) reduce to "least queued work", and exact ties are spread by
+the picker's seq-derived tie-break, so unique prompts spread like least-request instead of
+piling onto one engine (the failure of the peers' ``cache_aware`` at low concurrency).
+
+Defaults are Llama-3-8B on A100 priors (prefill ~86 ms per 1K tokens,
+autoscaling-and-gpus.md §8); only the ratios matter for ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from routing.types import EndpointSnapshot, RouteRequest
+
+
+@dataclass(frozen=True, slots=True)
+class CostEstimate:
+    """One endpoint's cost breakdown (seconds), for ``explain``."""
+
+    endpoint: str
+    cached_tokens: int
+    uncached_tokens: int
+    queue_s: float
+    load_s: float
+    kv_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.queue_s + self.load_s + self.kv_s
+
+    def describe(self) -> str:
+        return (
+            f"{self.endpoint}:hit={self.cached_tokens},miss={self.uncached_tokens},"
+            f"queue={self.queue_s * 1e3:.1f}ms,load={self.load_s * 1e3:.1f}ms,"
+            f"kv={self.kv_s * 1e3:.1f}ms"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixCacheCost:
+    """Example: ``PrefixCacheCost().score(req_with_prefix_blocks, endpoints)``."""
+
+    prefill_s_per_token: float = 9e-5
+    decode_s_per_request: float = 2e-3
+    kv_threshold: float = 0.8
+    kv_penalty_s: float = 1.0
+    floor_s: float = 1e-3
+    name: str = "prefix-cache"
+
+    def __post_init__(self) -> None:
+        if self.prefill_s_per_token < 0 or self.decode_s_per_request < 0:
+            raise ValueError("costs must be >= 0")
+        if not 0.0 <= self.kv_threshold < 1.0:
+            raise ValueError("kv_threshold must be in [0, 1)")
+
+    def estimate(self, req: RouteRequest, ep: EndpointSnapshot) -> CostEstimate:
+        prompt = max(req.prompt_tokens, len(req.block_hashes) * req.block_tokens)
+        cached = min(prompt, req.prefix_blocks.get(ep.id, 0) * req.block_tokens)
+        uncached = prompt - cached
+        pressure = max(0.0, ep.kv_usage - self.kv_threshold) / (1.0 - self.kv_threshold)
+        return CostEstimate(
+            endpoint=ep.id,
+            cached_tokens=cached,
+            uncached_tokens=uncached,
+            queue_s=(max(0, ep.prefill_tokens) + uncached) * self.prefill_s_per_token,
+            load_s=ep.load * self.decode_s_per_request,
+            kv_s=self.kv_penalty_s * min(1.0, pressure),
+        )
+
+    def score(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> list[float]:
+        est = [max(self.floor_s, self.estimate(req, ep).total_s) for ep in endpoints]
+        best = min(est, default=self.floor_s)
+        return [best / e for e in est]
+
+    def explain(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> list[str]:
+        return [self.estimate(req, ep).describe() for ep in endpoints]

@@ -1,0 +1,187 @@
+"""Per-engine state accumulator: gateway counters + EWMAs + the last scrape -> snapshots.
+
+The gateway owns one :class:`EngineState` per endpoint and feeds it from the request path
+(``begin`` / ``first_token`` / ``tokens`` / ``finish``) and from the metrics scraper
+(``observe_metrics``); policies only ever see the immutable :class:`EndpointSnapshot` it
+produces. Nothing here performs I/O or reads a clock: timestamps and durations are passed in.
+
+Gateway counters matter because scraped gauges are up to a scrape interval stale: a burst of
+requests routed within one interval would otherwise all see the same "idle" engine (AIBrix
+#646). ``begin`` counts a request immediately; every way a request ends (``[DONE]``, stream
+end, upstream error, client disconnect) calls ``finish`` on the same :class:`Ticket`, which is
+idempotent, so counters never drift and need no periodic reset.
+
+Example::
+
+    state = EngineState("e1", "http://127.0.0.1:8001")
+    ticket = state.begin(prompt_tokens=900, max_tokens=128, cached_tokens=640)
+    state.first_token(ticket, ttft_s=0.08)
+    state.tokens(ticket, n=1, itl_s=0.02)
+    state.finish(ticket)
+    snap = state.snapshot()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from routing.metrics_parser import EngineMetrics
+from routing.types import EndpointSnapshot
+
+__all__ = ["EngineState", "Ticket"]
+
+DEFAULT_OUTPUT_TOKENS = 256
+"""Expected output length when a request sets no ``max_tokens`` (for token-load counting)."""
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One routed request's contribution to its engine's counters (released exactly once)."""
+
+    prompt_tokens: int
+    uncached_tokens: int
+    expected_tokens: int
+    started: bool = False
+    done: bool = False
+    output_tokens: int = 0
+
+
+class EngineState:
+    """Mutable, single-owner accumulator for one engine. Not thread-safe (one event loop).
+
+    ``alpha`` is the EWMA weight of a new TTFT/ITL observation.
+    """
+
+    __slots__ = (
+        "_alpha",
+        "_cached",
+        "_healthy",
+        "_in_flight",
+        "_in_flight_tokens",
+        "_itl",
+        "_metrics",
+        "_models",
+        "_prefill_tokens",
+        "_scraped_at",
+        "_ttft",
+        "completed",
+        "endpoint_id",
+        "output_tokens_total",
+        "prompt_tokens_total",
+        "url",
+    )
+
+    def __init__(self, endpoint_id: str, url: str, *, alpha: float = 0.2) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1]")
+        self.endpoint_id = endpoint_id
+        self.url = url
+        self._alpha = alpha
+        self._in_flight = 0
+        self._in_flight_tokens = 0
+        self._prefill_tokens = 0
+        self._ttft: float | None = None
+        self._itl: float | None = None
+        self._metrics = EngineMetrics()
+        self._scraped_at: float | None = None
+        self._healthy = True
+        self._models: frozenset[str] = frozenset()
+        self._cached: EndpointSnapshot | None = None
+        self.completed = 0
+        self.prompt_tokens_total = 0
+        self.output_tokens_total = 0
+
+    # -- request path -------------------------------------------------------------------
+    def begin(
+        self, *, prompt_tokens: int, max_tokens: int | None = None, cached_tokens: int = 0
+    ) -> Ticket:
+        """Count a request routed here; ``cached_tokens`` is the expected prefix-cache hit."""
+        expected = max_tokens if max_tokens is not None else DEFAULT_OUTPUT_TOKENS
+        uncached = max(0, prompt_tokens - max(0, cached_tokens))
+        ticket = Ticket(
+            prompt_tokens=prompt_tokens, uncached_tokens=uncached, expected_tokens=expected
+        )
+        self._in_flight += 1
+        self._in_flight_tokens += prompt_tokens + expected
+        self._prefill_tokens += uncached
+        self.prompt_tokens_total += prompt_tokens
+        self._cached = None
+        return ticket
+
+    def first_token(self, ticket: Ticket, *, ttft_s: float) -> None:
+        """The first output token arrived after ``ttft_s``; its prefill is no longer queued."""
+        if ticket.started or ticket.done:
+            return
+        ticket.started = True
+        self._prefill_tokens -= ticket.uncached_tokens
+        self._ttft = self._ewma(self._ttft, ttft_s)
+        self._cached = None
+
+    def tokens(self, ticket: Ticket, *, n: int = 1, itl_s: float | None = None) -> None:
+        """``n`` more output tokens arrived; ``itl_s`` is the gap since the previous chunk."""
+        if ticket.done:
+            return
+        ticket.output_tokens += n
+        self.output_tokens_total += n
+        if itl_s is not None and n > 0:
+            self._itl = self._ewma(self._itl, itl_s / n)
+            self._cached = None
+
+    def finish(self, ticket: Ticket) -> None:
+        """Release the request's counters; safe to call more than once (first call wins)."""
+        if ticket.done:
+            return
+        if not ticket.started:
+            self._prefill_tokens -= ticket.uncached_tokens
+        ticket.done = True
+        self._in_flight -= 1
+        self._in_flight_tokens -= ticket.prompt_tokens + ticket.expected_tokens
+        self.completed += 1
+        self._cached = None
+
+    # -- scraper / health ---------------------------------------------------------------
+    def observe_metrics(self, metrics: EngineMetrics, *, at: float) -> None:
+        """Store the last scrape (``at`` is the scraper's clock reading)."""
+        self._metrics = metrics
+        self._scraped_at = at
+        self._cached = None
+
+    def set_health(self, healthy: bool) -> None:
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self._cached = None
+
+    def set_models(self, models: frozenset[str]) -> None:
+        if models != self._models:
+            self._models = models
+            self._cached = None
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        return self._metrics
+
+    def snapshot(self) -> EndpointSnapshot:
+        """An immutable view for policies; cached until the next mutation."""
+        if self._cached is None:
+            m = self._metrics
+            self._cached = EndpointSnapshot(
+                id=self.endpoint_id,
+                url=self.url,
+                models=self._models,
+                healthy=self._healthy,
+                in_flight=self._in_flight,
+                in_flight_tokens=self._in_flight_tokens,
+                running=m.running,
+                waiting=m.waiting,
+                kv_usage=m.kv_usage,
+                ttft_ewma_s=self._ttft,
+                itl_ewma_s=self._itl,
+                scraped_at=self._scraped_at,
+                prefill_tokens=self._prefill_tokens,
+                block_size=m.block_size,
+                running_adapters=m.running_adapters | m.waiting_adapters,
+            )
+        return self._cached
+
+    def _ewma(self, old: float | None, value: float) -> float:
+        return value if old is None else old + self._alpha * (value - old)
