@@ -190,7 +190,8 @@ def start_vllm(
         raise EngineStartError(
             "real engine not installed (missing "
             + ", ".join(map(str, missing))
-            + "); run `make test-engine` or `REAL_ENGINE_HOME=... bash scripts/real_engine_setup.sh`"
+            + "); run `make test-engine` or "
+            + "`REAL_ENGINE_HOME=... bash scripts/real_engine_setup.sh`"
         )
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="switchyard-vllm-") as tmp:
