@@ -79,7 +79,7 @@ def test_block_hashes_bound_the_prompt_size() -> None:
 )
 def test_invalid_params(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
-        PrefixCacheCost(**kw)
+        PrefixCacheCost(**kw)  # type: ignore[arg-type]
 
 
 def test_cold_ties_spread_like_least_request() -> None:

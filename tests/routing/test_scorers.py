@@ -38,7 +38,10 @@ def test_least_kv_cache(usages: list[float], expected: list[float]) -> None:
 def test_least_latency(
     ttft: list[float | None], itl: list[float | None], max_tokens: int | None, expected: list[float]
 ) -> None:
-    eps = [ep(f"e{i}", ttft_ewma_s=t, itl_ewma_s=i_) for i, (t, i_) in enumerate(zip(ttft, itl))]
+    eps = [
+        ep(f"e{i}", ttft_ewma_s=t, itl_ewma_s=i_)
+        for i, (t, i_) in enumerate(zip(ttft, itl, strict=True))
+    ]
     req = RouteRequest(model="m", max_tokens=max_tokens)
     assert LeastLatency().score(req, eps) == pytest.approx(expected)
 
