@@ -94,8 +94,8 @@ class EngineCore:
             request_id=req.request_id,
             lo=p.first_output_token_id,
             hi=p.vocab_size,
-            stop_token_ids=() if req.ignore_eos else req.stop_token_ids,
-            eos_probability=self.eos_probability,
+            stop_token_ids=req.stop_token_ids,
+            eos_probability=0.0 if req.ignore_eos else self.eos_probability,
         )
         state = RequestState(req, stream=stream, adapter_size=size)
         state.update_hashes(p.block_size, p.model)

@@ -125,7 +125,8 @@ class LoraManager:
             cost += self.overhead_s + size / self.bytes_per_s
             if name not in self._cpu:
                 cost += size / self.disk_bytes_per_s
-            self._to_cpu(name)
+            if name in self._registered:  # an unloaded adapter still serving its requests
+                self._to_cpu(name)
             self._slots[name] = None
             self.swap_ins += 1
         return cost

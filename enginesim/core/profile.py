@@ -18,11 +18,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EngineProfile", "available_profiles", "load_profile", "profile_from_dict"]
+__all__ = [
+    "PROFILE_DIR",
+    "EngineProfile",
+    "available_profiles",
+    "load_profile",
+    "profile_from_dict",
+]
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+"""Where the shipped profiles live (package data ``enginesim/profiles/*.json``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +116,7 @@ def profile_from_dict(raw: dict[str, Any]) -> EngineProfile:
 
 def available_profiles() -> list[str]:
     """Names of the profiles shipped in ``enginesim/profiles``."""
-    root = resources.files("enginesim").joinpath("profiles")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json"))
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
 def load_profile(name_or_path: str | Path) -> EngineProfile:
@@ -118,7 +125,7 @@ def load_profile(name_or_path: str | Path) -> EngineProfile:
     if path.suffix == ".json" or path.is_file():
         text = path.read_text(encoding="utf-8")
     else:
-        res = resources.files("enginesim").joinpath("profiles", f"{name_or_path}.json")
+        res = PROFILE_DIR / f"{name_or_path}.json"
         if not res.is_file():
             raise FileNotFoundError(
                 f"no profile {name_or_path!r}; shipped: {', '.join(available_profiles())}"

@@ -1,0 +1,121 @@
+"""LoRA: registry, slot LRU, swap-in latency charged once, max_loras per batch, stats."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from enginesim.core.api import SimRequest
+from enginesim.core.engine import EngineCore
+from enginesim.core.lora import LoraManager
+from enginesim.core.profile import EngineProfile
+
+
+def _profile(**kw: object) -> EngineProfile:
+    base = EngineProfile(
+        name="test",
+        model="m",
+        block_size=4,
+        num_gpu_blocks=64,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        max_model_len=256,
+        c0_s=0.5,
+        c_prefill_s=0.25,
+        c_attn_s=0.0,
+        c_decode_s=0.125,
+        c_ctx_s=0.0,
+        vocab_size=1000,
+        max_loras=1,
+        max_cpu_loras=2,
+        lora_load_bytes_per_s=1e9,
+        lora_disk_bytes_per_s=2.5e8,
+        lora_load_overhead_s=0.0,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def _req(rid: str, max_tokens: int, adapter: str | None = None) -> SimRequest:
+    return SimRequest(rid, (1, 2, 3), max_tokens, 0.0, adapter=adapter, ignore_eos=True)
+
+
+def test_slot_lru_eviction_order_and_costs() -> None:
+    m = LoraManager(max_loras=2, max_cpu_loras=3, bytes_per_s=1e9, disk_bytes_per_s=2.5e8)
+    for name in ("a", "b", "c"):
+        m.load(name, size_bytes=500_000_000)
+    sizes = dict.fromkeys(("a", "b", "c", "d"), 500_000_000)
+    assert m.activate(["a"], sizes) == 0.5
+    assert m.activate(["b"], sizes) == 0.5
+    assert m.activate(["a", "b"], sizes) == 0.0  # both resident: free
+    assert m.gpu_slots == ("a", "b")
+    assert m.activate(["a"], sizes) == 0.0  # touching a makes b the LRU slot
+    assert m.activate(["c"], sizes) == 0.5
+    assert m.gpu_slots == ("a", "c")
+    assert m.activate(["c", "b"], sizes) == 0.5  # a is LRU and not needed
+    assert m.gpu_slots == ("c", "b") and m.swap_ins == 4
+
+
+def test_cpu_cache_miss_adds_disk_read() -> None:
+    m = LoraManager(max_loras=1, max_cpu_loras=2, bytes_per_s=1e9, disk_bytes_per_s=2.5e8)
+    for name in ("a", "b", "c"):  # the third load pushes a out of the CPU cache
+        m.load(name, size_bytes=500_000_000)
+    assert m.cpu_cache == ("b", "c")
+    assert m.activate(["a"], {"a": 500_000_000}) == 0.5 + 2.0
+    assert m.cpu_cache == ("c", "a")
+
+
+def test_registry_errors() -> None:
+    m = LoraManager(max_loras=1, max_cpu_loras=1, bytes_per_s=1e9)
+    m.load("a", size_bytes=1)
+    with pytest.raises(ValueError, match="already been loaded"):
+        m.load("a", size_bytes=1)
+    with pytest.raises(KeyError):
+        m.unload("ghost")
+    m.unload("a")
+    assert m.registered == ()
+    off = LoraManager(max_loras=0, max_cpu_loras=0, bytes_per_s=1e9)
+    with pytest.raises(ValueError, match="disabled"):
+        off.load("a", size_bytes=1)
+
+
+def test_engine_charges_swap_once_and_caps_adapters_per_batch() -> None:
+    core = EngineCore(_profile())
+    core.load_adapter("a", size_bytes=500_000_000)
+    core.load_adapter("b", size_bytes=250_000_000)
+    core.add_request(_req("ra", 2, "a"))
+    core.add_request(_req("rb", 2, "b"))  # second adapter: skipped while a runs
+    core.add_request(_req("base", 3))  # may overtake rb: it needs no adapter
+    s = core.stats()
+    assert (s.running_adapters, s.waiting_adapters) == ((), ("a", "b"))
+    assert s.loaded_adapters == ("a", "b")
+
+    res = core.step(0.0)  # prefill ra + base (6 tokens) + swap a in
+    assert sorted(o.request_id for o in res.outputs) == ["base", "ra"]
+    assert res.duration_s == 0.5 + 6 * 0.25 + 0.5
+    s = core.stats()
+    assert (s.running_adapters, s.waiting_adapters, s.num_waiting) == (("a",), ("b",), 1)
+
+    res = core.step(0.0)  # two decodes, a already resident: no swap; ra finishes
+    assert res.duration_s == 0.5 + 2 * 0.125
+    assert [(o.request_id, o.finished) for o in res.outputs] == [("ra", "length"), ("base", None)]
+
+    res = core.step(0.0)  # base decodes, rb prefills and b replaces a in the only slot
+    assert res.duration_s == 0.5 + 0.125 + 3 * 0.25 + 0.25
+    assert core.lora.gpu_slots == ("b",)
+    res = core.step(0.0)
+    assert res.duration_s == 0.5 + 0.125  # base finished last step; rb decodes, b resident
+    assert not core.has_work() and core.lora.swap_ins == 2
+    assert core.stats().running_adapters == ()
+
+
+def test_unload_keeps_queued_requests_running() -> None:
+    core = EngineCore(_profile())
+    core.load_adapter("a", size_bytes=0)
+    core.add_request(_req("ra", 2, "a"))
+    core.unload_adapter("a")
+    assert core.stats().loaded_adapters == ()
+    outs = [o for _ in range(3) for o in core.step(0.0).outputs]
+    assert [o.finished for o in outs] == [None, "length"]
+    with pytest.raises(ValueError, match="not loaded"):
+        core.add_request(_req("rb", 2, "a"))
