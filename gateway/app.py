@@ -1,0 +1,98 @@
+"""The app factory: ``create_app(settings, *, services=None)``.
+
+The lifespan opens a :class:`gateway.services.Services` (unless the caller passes one, as
+tests do) and exposes it as lifespan state (``request.state.services``). Exception handlers
+turn every error into the OpenAI envelope; middleware is pure ASGI (see
+:mod:`gateway.middleware`).
+
+Example::
+
+    app = create_app(Settings.load("switchyard.yaml"))
+    uvicorn.run(app)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.responses import Response
+
+from gateway.errors import ClientError, GatewayError, InvalidField, NotFound
+from gateway.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
+from gateway.responses import error_response
+from gateway.routes import admin, openai, ops
+from gateway.services import Services
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    message = first.get("msg", "invalid request")
+    param = ".".join(loc) or None
+    return error_response(InvalidField(f"{param}: {message}" if param else message, param=param))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route for {request.method} {request.url.path}"))
+    err = ClientError(str(exc.detail))
+    response = error_response(err)
+    response.status_code = exc.status_code
+    return response
+
+
+def create_app(
+    settings: Settings,
+    *,
+    services: Services | None = None,
+    config_path: Path | None = None,
+) -> FastAPI:
+    """Build the gateway app; pass ``services`` to use an already-open container."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Services]]:
+        if services is not None:
+            yield {"services": services}
+            return
+        async with Services.open(settings, config_path=config_path) as opened:
+            yield {"services": opened}
+
+    app = FastAPI(
+        title="Switchyard",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        middleware=[
+            Middleware(RequestIdMiddleware),
+            *([Middleware(AccessLogMiddleware)] if settings.server.access_log else []),
+            Middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes),
+        ],
+        exception_handlers={
+            GatewayError: _gateway_error,
+            RequestValidationError: _validation_error,
+            StarletteHTTPException: _http_error,
+        },
+    )
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+    app.include_router(admin.router)
+    return app

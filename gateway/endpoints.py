@@ -1,0 +1,203 @@
+"""The endpoint registry: which engines exist, what they serve, whether they are healthy, and how
+many requests the gateway has in flight on each.
+
+Everything runs on one event loop, so plain attributes need no locks. Routing never sees an
+:class:`EndpointState`: it gets the immutable :class:`routing.EndpointSnapshot` made by
+``state.engine.snapshot()`` (:class:`routing.state.EngineState`), which merges the gateway's
+own counters and EWMAs with the last scraped engine metrics.
+
+Example::
+
+    registry = EndpointRegistry()
+    state = registry.add("http://127.0.0.1:8100")
+    with registry.lease(state, prompt_tokens=12) as ticket:   # in-flight +1 until exit
+        ...
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from routing import EndpointSnapshot
+from routing.state import EngineState, Ticket
+
+
+class Health(enum.StrEnum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCard:
+    """One ``/v1/models`` entry of an engine; ``parent`` is set for LoRA adapters."""
+
+    id: str
+    parent: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+
+class EndpointState:
+    """Per-engine state owned by the registry: health bookkeeping and model cards here, load
+    counters and EWMAs in ``engine`` (a :class:`routing.state.EngineState`, which a metrics
+    scraper feeds with ``engine.observe_metrics``)."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "consecutive_successes",
+        "engine",
+        "health",
+        "id",
+        "last_error",
+        "models",
+        "static_models",
+        "url",
+    )
+
+    def __init__(self, endpoint_id: str, url: str, static_models: Iterable[str] = ()) -> None:
+        self.id = endpoint_id
+        self.url = url
+        self.engine = EngineState(endpoint_id, url)
+        self.static_models = tuple(static_models)
+        self.models: tuple[ModelCard, ...] = ()
+        self.health = Health.UNKNOWN
+        self.engine.set_health(False)
+        self.consecutive_failures = 0
+        self.consecutive_successes = 0
+        self.last_error: str | None = None
+        self.set_models(())
+
+    @property
+    def healthy(self) -> bool:
+        return self.health is Health.HEALTHY
+
+    @property
+    def in_flight(self) -> int:
+        return self.engine.snapshot().in_flight
+
+    def record_probe(
+        self, ok: bool, *, fail_threshold: int, success_threshold: int, error: str | None = None
+    ) -> bool:
+        """Count one health outcome; returns True when the health state changed."""
+        before = self.health
+        if ok:
+            self.consecutive_successes += 1
+            self.consecutive_failures = 0
+            self.last_error = None
+            if self.health is Health.UNKNOWN or self.consecutive_successes >= success_threshold:
+                self.health = Health.HEALTHY
+        else:
+            self.consecutive_failures += 1
+            self.consecutive_successes = 0
+            self.last_error = error
+            if self.health is Health.UNKNOWN or self.consecutive_failures >= fail_threshold:
+                self.health = Health.UNHEALTHY
+        self.engine.set_health(self.healthy)
+        return self.health is not before
+
+    def set_models(self, cards: Iterable[ModelCard]) -> None:
+        cards = tuple(cards)
+        self.models = cards if cards else tuple(ModelCard(m) for m in self.static_models)
+        self.engine.set_models(frozenset(card.id for card in self.models))
+
+    def snapshot(self) -> EndpointSnapshot:
+        return self.engine.snapshot()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able detail for ``/ready`` and the admin API."""
+        return {
+            "id": self.id,
+            "url": self.url,
+            "health": self.health.value,
+            "in_flight": self.in_flight,
+            "models": [card.id for card in self.models],
+            "last_error": self.last_error,
+        }
+
+
+def default_endpoint_id(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """A model as the gateway lists it: the card from the first engine that serves it."""
+
+    card: ModelCard
+    endpoints: tuple[str, ...]
+    healthy: bool
+
+
+class EndpointRegistry:
+    """The set of engines; add/remove at any time (in-flight leases keep their state object)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, EndpointState] = {}
+        self._seq = 0
+
+    def add(
+        self, url: str, *, endpoint_id: str | None = None, models: Iterable[str] = ()
+    ) -> EndpointState:
+        eid = endpoint_id or default_endpoint_id(url)
+        if eid in self._states:
+            raise KeyError(f"endpoint {eid!r} already registered")
+        state = EndpointState(eid, url.rstrip("/"), models)
+        self._states[eid] = state
+        return state
+
+    def remove(self, endpoint_id: str) -> EndpointState:
+        return self._states.pop(endpoint_id)
+
+    def get(self, endpoint_id: str) -> EndpointState | None:
+        return self._states.get(endpoint_id)
+
+    def __iter__(self) -> Iterator[EndpointState]:
+        return iter(list(self._states.values()))
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def next_seq(self) -> int:
+        """A gateway-wide monotone counter for ``RouteRequest.seq``."""
+        self._seq += 1
+        return self._seq
+
+    def snapshots(self) -> list[EndpointSnapshot]:
+        return [state.snapshot() for state in self._states.values()]
+
+    def any_healthy(self) -> bool:
+        return any(state.healthy for state in self._states.values())
+
+    def catalog(self) -> dict[str, ModelEntry]:
+        """Every model/adapter any engine has listed, with which engines list it."""
+        out: dict[str, ModelEntry] = {}
+        for state in self._states.values():
+            for card in state.models:
+                entry = out.get(card.id)
+                if entry is None:
+                    out[card.id] = ModelEntry(card, (state.id,), state.healthy)
+                else:
+                    out[card.id] = replace(
+                        entry,
+                        endpoints=(*entry.endpoints, state.id),
+                        healthy=entry.healthy or state.healthy,
+                    )
+        return out
+
+    @contextmanager
+    def lease(
+        self, state: EndpointState, *, prompt_tokens: int = 0, max_tokens: int | None = None
+    ) -> Iterator[Ticket]:
+        """Count one request in flight on ``state`` until the block exits, however it exits
+        (success, error, stream end, cancellation by a client disconnect)."""
+        ticket = state.engine.begin(prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+        try:
+            yield ticket
+        finally:
+            state.engine.finish(ticket)

@@ -1,0 +1,177 @@
+"""Every error the gateway itself makes, as one hierarchy, rendered as the OpenAI envelope.
+
+::
+
+    GatewayError (500 server_error)
+    ├── ClientError (400 invalid_request_error)
+    │   ├── InvalidJSON             400  code=invalid_json
+    │   ├── InvalidField            400  code=invalid_value, param set
+    │   ├── Unauthorized            401  code=invalid_api_key
+    │   ├── NotFound                404  code=not_found          (unknown route/engine id)
+    │   ├── ModelNotFound           404  code=model_not_found
+    │   └── BodyTooLarge            413  code=request_too_large
+    └── UpstreamError (502 server_error)
+        ├── UpstreamUnavailable     502  code=upstream_unavailable   (connect refused/reset)
+        ├── UpstreamProtocolError   502  code=bad_upstream_response
+        ├── UpstreamTimeout         504  code=upstream_timeout
+        └── NoHealthyEndpoint       503  code=no_healthy_endpoint
+
+Upstream 4xx (and the last upstream 5xx after failover) are passed through unchanged; only
+the gateway's own failures use these classes. httpx exceptions are translated in exactly one
+place, :func:`map_upstream_errors`. After SSE headers are sent, :func:`sse_error_event`
+renders the one final ``data: {"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import ClassVar
+
+import httpx
+import orjson
+
+from gateway.context import current_request_id
+
+
+class GatewayError(Exception):
+    """Base of every gateway-made error; carries what the envelope needs."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        # True when nothing reached the engine or the engine refused: safe to try another.
+        self.retryable = retryable
+
+    def envelope(self) -> dict[str, dict[str, str | None]]:
+        return envelope(self.message, type_=self.type, code=self.code, param=self.param)
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class ClientError(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidJSON(ClientError):
+    code = "invalid_json"
+
+
+class InvalidField(ClientError):
+    code = "invalid_value"
+
+
+class Unauthorized(ClientError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class UpstreamError(GatewayError):
+    status = 502
+    type = "server_error"
+    code = "bad_gateway"
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unavailable"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "bad_upstream_response"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class NoHealthyEndpoint(UpstreamError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "no_healthy_endpoint"
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1", "retry-after-ms": "1000"}
+
+
+def envelope(
+    message: str, *, type_: str, code: str | None, param: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """The OpenAI error body ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_body(exc: GatewayError) -> bytes:
+    return orjson.dumps(exc.envelope())
+
+
+def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
+    """Raw ASGI headers for an error response, ``x-request-id`` included."""
+    body_len = len(error_body(exc))
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(body_len).encode()),
+    ]
+    headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
+    rid = current_request_id()
+    if rid:
+        headers.append((b"x-request-id", rid.encode()))
+    return headers
+
+
+def sse_error_event(exc: GatewayError) -> bytes:
+    """The single event that ends a stream which failed after its headers were sent."""
+    return b"data: " + error_body(exc) + b"\n\n"
+
+
+@contextmanager
+def map_upstream_errors(endpoint_id: str) -> Iterator[None]:
+    """Translate httpx exceptions into :class:`UpstreamError` subclasses (the one place)."""
+    try:
+        yield
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        raise UpstreamTimeout(
+            f"engine {endpoint_id} did not accept the request in time ({type(exc).__name__})",
+            retryable=True,
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"engine {endpoint_id} timed out ({type(exc).__name__})") from exc
+    except httpx.ConnectError as exc:
+        raise UpstreamUnavailable(
+            f"engine {endpoint_id} unreachable ({type(exc).__name__})", retryable=True
+        ) from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        raise UpstreamUnavailable(
+            f"engine {endpoint_id} closed the connection ({type(exc).__name__})", retryable=True
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamProtocolError(f"engine {endpoint_id} failed: {type(exc).__name__}") from exc

@@ -1,0 +1,106 @@
+"""Active health checks: probe every engine's ``/health`` (and refresh its ``/v1/models``).
+
+An engine leaves the pool after ``fail_threshold`` consecutive failures and comes back after
+``success_threshold`` consecutive successes; a new engine's first probe decides at once. Model
+lists come from ``/v1/models`` (LoRA adapters appear with ``parent`` = base model) so that
+``GET /v1/models`` and model validation reflect what healthy engines actually serve.
+
+Example::
+
+    checker = HealthChecker(client=client, endpoints=registry, settings=s.health, metrics=m)
+    await checker.check_once()
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+
+from gateway.endpoints import EndpointRegistry, EndpointState, ModelCard
+from gateway.metrics import GatewayMetrics
+from gateway.settings import HealthSettings
+
+log = logging.getLogger(__name__)
+
+
+def parse_model_cards(payload: Any) -> list[ModelCard]:
+    """Cards from an OpenAI/vLLM model list; malformed entries are skipped."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    cards: list[ModelCard] = []
+    for item in data if isinstance(data, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            parent = item.get("parent")
+            cards.append(
+                ModelCard(
+                    id=item["id"], parent=parent if isinstance(parent, str) else None, raw=item
+                )
+            )
+    return cards
+
+
+class HealthChecker:
+    """Periodically probes every registered engine; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        endpoints: EndpointRegistry,
+        settings: HealthSettings,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._client = client
+        self._endpoints = endpoints
+        self._settings = settings
+        self._metrics = metrics
+
+    async def run(self) -> None:
+        """Probe forever, every ``interval_s`` (the caller ran the first round already)."""
+        while True:
+            await anyio.sleep(self._settings.interval_s)
+            await self.check_once()
+
+    async def check_once(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for state in self._endpoints:
+                tg.start_soon(self.probe, state)
+
+    async def probe(self, state: EndpointState) -> None:
+        timeout = self._settings.timeout_s
+        error: str | None = None
+        cards: list[ModelCard] | None = None
+        try:
+            with anyio.fail_after(timeout * 2):
+                resp = await self._client.get(f"{state.url}/health", timeout=timeout)
+                if resp.status_code != 200:
+                    error = f"/health returned {resp.status_code}"
+                else:
+                    models = await self._client.get(f"{state.url}/v1/models", timeout=timeout)
+                    if models.status_code == 200:
+                        cards = parse_model_cards(orjson.loads(models.content))
+        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError) as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if cards is not None:
+            state.set_models(cards)
+        self.apply(state, ok=error is None, error=error)
+
+    def apply(self, state: EndpointState, *, ok: bool, error: str | None = None) -> None:
+        """Count one outcome (probe or passive proxy failure) and log/meter a transition."""
+        changed = state.record_probe(
+            ok,
+            fail_threshold=self._settings.fail_threshold,
+            success_threshold=self._settings.success_threshold,
+            error=error,
+        )
+        if changed:
+            self._metrics.health_transitions.labels(
+                endpoint=state.id, state=state.health.value
+            ).inc()
+            if ok:
+                log.info("engine %s is healthy", state.id)
+            else:
+                log.warning("engine %s is unhealthy: %s", state.id, error)

@@ -1,0 +1,128 @@
+"""Gateway metrics on an app-owned :class:`CollectorRegistry` (never the global one).
+
+Names follow ``switchyard_<subsystem>_<name>_<unit>``; labels are bounded: ``endpoint`` is a
+registered engine id, ``model`` a model the catalog knows (else ``"other"``), ``status`` an
+HTTP status code, ``kind`` an error class name from :mod:`gateway.errors`. In-flight counts
+and health are read from the endpoint registry at scrape time, so they cannot drift.
+
+Example::
+
+    metrics = GatewayMetrics.create(registry)
+    metrics.requests.labels(model="m", endpoint="e1", status="200").inc()
+    body = metrics.render()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.endpoints import EndpointRegistry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class _EndpointCollector(Collector):
+    """In-flight and health gauges read live from the endpoint registry."""
+
+    def __init__(self, endpoints: EndpointRegistry) -> None:
+        self._endpoints = endpoints
+
+    def collect(self) -> Iterator[Metric]:
+        in_flight = GaugeMetricFamily(
+            "switchyard_proxy_in_flight_requests",
+            "Requests the gateway has in flight per engine",
+            labels=["endpoint"],
+        )
+        healthy = GaugeMetricFamily(
+            "switchyard_endpoint_healthy_ratio",
+            "1 when the engine passes health checks, else 0",
+            labels=["endpoint"],
+        )
+        for state in self._endpoints:
+            in_flight.add_metric([state.id], state.in_flight)
+            healthy.add_metric([state.id], 1.0 if state.healthy else 0.0)
+        yield in_flight
+        yield healthy
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayMetrics:
+    registry: CollectorRegistry
+    requests: Counter
+    latency: Histogram
+    ttft: Histogram
+    upstream_errors: Counter
+    retries: Counter
+    stream_errors: Counter
+    decisions: Counter
+    health_transitions: Counter
+
+    @classmethod
+    def create(cls, endpoints: EndpointRegistry) -> GatewayMetrics:
+        reg = CollectorRegistry(auto_describe=True)
+        reg.register(_EndpointCollector(endpoints))
+        return cls(
+            registry=reg,
+            requests=Counter(
+                "switchyard_proxy_requests_total",
+                "Proxied requests by final status",
+                ["model", "endpoint", "status"],
+                registry=reg,
+            ),
+            latency=Histogram(
+                "switchyard_proxy_request_duration_seconds",
+                "Time from receiving the request to sending its last byte",
+                ["model", "endpoint"],
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            ttft=Histogram(
+                "switchyard_proxy_time_to_first_token_seconds",
+                "Streams: time from receiving the request to the engine's first SSE chunk",
+                ["model", "endpoint"],
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            upstream_errors=Counter(
+                "switchyard_proxy_upstream_errors_total",
+                "Failed attempts against an engine, by error kind",
+                ["endpoint", "kind"],
+                registry=reg,
+            ),
+            retries=Counter(
+                "switchyard_proxy_retries_total",
+                "Attempts moved to another engine before the first byte",
+                ["model"],
+                registry=reg,
+            ),
+            stream_errors=Counter(
+                "switchyard_proxy_stream_errors_total",
+                "Streams ended with an error event after headers were sent",
+                ["endpoint"],
+                registry=reg,
+            ),
+            decisions=Counter(
+                "switchyard_routing_decisions_total",
+                "Routing decisions by policy and first-ranked engine",
+                ["policy", "endpoint"],
+                registry=reg,
+            ),
+            health_transitions=Counter(
+                "switchyard_endpoint_health_transitions_total",
+                "Engine health state changes",
+                ["endpoint", "state"],
+                registry=reg,
+            ),
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

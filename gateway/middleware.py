@@ -1,0 +1,143 @@
+"""Pure-ASGI middleware: request id, body-size limit, access log.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that contextvars set here are visible in the
+handler, streaming is never buffered and ``http.disconnect`` reaches the proxy unchanged.
+Order, outermost first: :class:`RequestIdMiddleware` → :class:`AccessLogMiddleware` →
+:class:`BodySizeLimitMiddleware` → the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.context import current_request_id, reset_request_id, set_request_id
+from gateway.errors import BodyTooLarge, GatewayError, error_body, error_headers
+
+log = logging.getLogger("switchyard.access")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class RequestIdMiddleware:
+    """Takes a safe incoming ``x-request-id`` or makes ``req_<hex>``; echoes it on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        text = incoming.decode("latin-1") if incoming else ""
+        rid = text if _SAFE_ID.match(text) else f"req_{uuid.uuid4().hex}"
+        raw = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
+                headers.append((b"x-request-id", raw))
+                message["headers"] = headers
+            await send(message)
+
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send_with_id(message)
+
+        token = set_request_id(rid)
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception:
+            # A bug, not a client error: answer 500 in the usual envelope, then let the
+            # server log the traceback.
+            if not started:
+                exc = GatewayError("internal gateway error")
+                await send_with_id(
+                    {"type": "http.response.start", "status": 500, "headers": error_headers(exc)}
+                )
+                await send_with_id({"type": "http.response.body", "body": error_body(exc)})
+            raise
+        finally:
+            reset_request_id(token)
+
+
+class BodySizeLimitMiddleware:
+    """Refuses bodies over ``max_bytes`` with 413: by Content-Length, else while reading."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            exc = BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+            await send(
+                {"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)}
+            )
+            await send({"type": "http.response.body", "body": error_body(exc)})
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class AccessLogMiddleware:
+    """One log line per request: method, path, status, duration, request id (via log context)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 0
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        finally:
+            log.info(
+                "%s %s %s %d %.1fms",
+                current_request_id() or "-",
+                scope.get("method", "-"),
+                scope.get("path", "-"),
+                status,
+                (time.perf_counter() - start) * 1000.0,
+            )

@@ -1,0 +1,335 @@
+"""Forward one request to an engine and stream the answer back, byte for byte.
+
+The route handler parses and routes (errors there are ordinary exceptions); it then returns a
+:class:`ProxyResponse`, a raw ASGI app that:
+
+* races the upstream exchange against the client's ``http.disconnect`` (a disconnect cancels
+  the upstream request and closes its connection, so the engine aborts and frees the slot);
+* walks ``decision.ranked`` and moves to the next engine only before the first byte reaches
+  the client: on connect errors, connection resets, and retryable 5xx statuses. The first
+  body chunk is read from the engine before the client sees any header, so an engine that
+  dies right after accepting is still retried;
+* forwards the original body bytes and streams upstream chunks with ``aiter_raw`` as they
+  arrive (no buffering); upstream 4xx and the last upstream 5xx pass through unchanged;
+* after headers are sent, a failure ends an SSE stream with one ``data: {"error": ...}``
+  event (non-SSE bodies are cut, so the client sees an incomplete response);
+* holds an in-flight lease on the engine for exactly the lifetime of the attempt, and reports
+  every finished request to metrics and :class:`RequestObserver` hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from gateway.context import current_request_id
+from gateway.endpoints import EndpointRegistry, EndpointState
+from gateway.errors import (
+    GatewayError,
+    NoHealthyEndpoint,
+    UpstreamError,
+    UpstreamUnavailable,
+    error_body,
+    error_headers,
+    map_upstream_errors,
+    sse_error_event,
+)
+from gateway.health import HealthChecker
+from gateway.metrics import GatewayMetrics
+from gateway.parsing import Kind, RequestFields
+from gateway.settings import ProxySettings
+from gateway.usage import BODY_BYTES, TAIL_BYTES, extract_usage, stream_completed
+from routing import Decision, RouteRequest
+from routing.state import Ticket
+
+log = logging.getLogger(__name__)
+
+_DROP_RESPONSE_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+     b"server", b"date", b"x-request-id"}
+)  # fmt: skip
+_FORWARD_REQUEST_HEADERS = ("content-type", "accept", "user-agent")
+CLIENT_CLOSED = 499
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """What the proxy knows when a request is over (for metrics scrapers, limits, policies)."""
+
+    request_id: str | None
+    endpoint_id: str | None
+    model: str
+    adapter: str | None
+    stream: bool
+    status: int
+    outcome: str  # "ok" | "upstream_error" | "client_disconnect" | "gateway_error"
+    duration_s: float
+    ttft_s: float | None
+    prompt_tokens_estimate: int
+    usage: Mapping[str, Any] | None
+
+
+class RequestObserver(Protocol):
+    """Hook called once per proxied request, after its last byte (must not block)."""
+
+    def on_request_finished(self, record: FinishedRequest) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPlan:
+    """Everything decided before the response starts."""
+
+    kind: Kind
+    body: bytes
+    headers: Mapping[str, str]
+    fields: RequestFields
+    route: RouteRequest
+    decision: Decision
+    started: float
+    model_label: str
+    route_header: str | None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: int = 0
+    outcome: str = "ok"
+    endpoint_id: str | None = None
+    ttft_s: float | None = None
+    usage: Mapping[str, Any] | None = None
+
+
+class Proxy:
+    """Owns the forwarding logic; one per app, shared by all requests."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        endpoints: EndpointRegistry,
+        health: HealthChecker,
+        metrics: GatewayMetrics,
+        settings: ProxySettings,
+        observers: Sequence[RequestObserver] = (),
+    ) -> None:
+        self._client = client
+        self._endpoints = endpoints
+        self._health = health
+        self._metrics = metrics
+        self._settings = settings
+        self._observers = tuple(observers)
+
+    def response(self, plan: ProxyPlan) -> ProxyResponse:
+        return ProxyResponse(self, plan)
+
+    async def serve(self, plan: ProxyPlan, send: Send) -> None:
+        """Run the attempts and stream the answer; always accounts for the request."""
+        out = _Outcome()
+        try:
+            await self._attempts(plan, send, out)
+        except GatewayError as exc:  # nothing was sent yet
+            out.status, out.outcome = exc.status, "gateway_error"
+            await send({"type": "http.response.start", "status": exc.status,
+                        "headers": error_headers(exc)})  # fmt: skip
+            await send({"type": "http.response.body", "body": error_body(exc)})
+        except anyio.get_cancelled_exc_class():
+            out.status, out.outcome = CLIENT_CLOSED, "client_disconnect"
+            raise
+        finally:
+            self._account(plan, out)
+
+    async def _attempts(self, plan: ProxyPlan, send: Send, out: _Outcome) -> None:
+        ranked = plan.decision.ranked[: self._settings.max_attempts]
+        last_exc: GatewayError = NoHealthyEndpoint("no engine could take the request")
+        for index, snap in enumerate(ranked):
+            state = self._endpoints.get(snap.id)
+            if state is None:  # removed since the decision
+                continue
+            if index:
+                self._metrics.retries.labels(model=plan.model_label).inc()
+            is_last = index == len(ranked) - 1
+            async with AsyncExitStack() as stack:
+                ticket = stack.enter_context(
+                    self._endpoints.lease(
+                        state,
+                        prompt_tokens=plan.route.prompt_tokens,
+                        max_tokens=plan.route.max_tokens,
+                    )
+                )
+                try:
+                    upstream, chunks, first = await self._open(plan, state, stack)
+                except UpstreamError as exc:
+                    self._metrics.upstream_errors.labels(
+                        endpoint=state.id, kind=type(exc).__name__
+                    ).inc()
+                    if isinstance(exc, UpstreamUnavailable):
+                        self._health.apply(state, ok=False, error=exc.message)
+                    log.warning("attempt on %s failed: %s", state.id, exc.message)
+                    last_exc = exc
+                    if exc.retryable and not is_last:
+                        continue
+                    raise
+                if upstream.status_code in self._settings.retry_statuses and not is_last:
+                    self._metrics.upstream_errors.labels(
+                        endpoint=state.id, kind=f"http_{upstream.status_code}"
+                    ).inc()
+                    log.warning("engine %s answered %d; trying the next", state.id,
+                                upstream.status_code)  # fmt: skip
+                    continue
+                out.endpoint_id = state.id
+                await self._relay(plan, state, ticket, upstream, chunks, first, send, out)
+                return
+        raise last_exc
+
+    async def _open(
+        self, plan: ProxyPlan, state: EndpointState, stack: AsyncExitStack
+    ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+        request = self._client.build_request(
+            "POST", state.url + plan.kind.value, content=plan.body, headers=plan.headers
+        )
+        with map_upstream_errors(state.id):
+            upstream = await self._client.send(request, stream=True)
+            stack.push_async_callback(_close_quietly, upstream)
+            chunks = upstream.aiter_raw()
+            first = b""
+            async for first in chunks:
+                if first:
+                    break
+        return upstream, chunks, first
+
+    async def _relay(
+        self,
+        plan: ProxyPlan,
+        state: EndpointState,
+        ticket: Ticket,
+        upstream: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        first: bytes,
+        send: Send,
+        out: _Outcome,
+    ) -> None:
+        out.status = upstream.status_code
+        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        engine = state.engine
+        if sse:
+            last = time.perf_counter()
+            out.ttft_s = last - plan.started
+            engine.first_token(ticket, ttft_s=out.ttft_s)
+        headers = [
+            (k.lower(), v)
+            for k, v in upstream.headers.raw
+            if k.lower() not in _DROP_RESPONSE_HEADERS
+        ]
+        if sse:
+            headers.append((b"x-accel-buffering", b"no"))
+        if plan.route_header is not None:
+            headers.append((b"x-switchyard-route", plan.route_header.encode("latin-1", "replace")))
+            headers.append((b"x-switchyard-endpoint", state.id.encode("latin-1", "replace")))
+        await send({"type": "http.response.start", "status": upstream.status_code,
+                    "headers": headers})  # fmt: skip
+        keep = bytearray(first)
+        limit = TAIL_BYTES if sse else BODY_BYTES
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            with map_upstream_errors(state.id):
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if sse:
+                        now = time.perf_counter()
+                        engine.tokens(ticket, n=chunk.count(b"data: {"), itl_s=now - last)
+                        last = now
+                        keep += chunk
+                        if len(keep) > limit:
+                            del keep[: len(keep) - limit]
+                    elif len(keep) <= limit:
+                        keep += chunk
+        except UpstreamError as exc:
+            self._metrics.upstream_errors.labels(endpoint=state.id, kind=type(exc).__name__).inc()
+            self._metrics.stream_errors.labels(endpoint=state.id).inc()
+            out.outcome = "upstream_error"
+            log.warning("engine %s failed mid-response: %s", state.id, exc.message)
+            if sse:
+                await send({"type": "http.response.body", "body": sse_error_event(exc)})
+            # Non-SSE: return without finishing; the server closes the connection.
+            return
+        if sse and upstream.status_code == 200 and not stream_completed(bytes(keep)):
+            cut = UpstreamError(f"engine {state.id} ended the stream without [DONE]")
+            self._metrics.stream_errors.labels(endpoint=state.id).inc()
+            out.outcome = "upstream_error"
+            await send({"type": "http.response.body", "body": sse_error_event(cut)})
+            return
+        await send({"type": "http.response.body", "body": b""})
+        if upstream.status_code == 200 and (sse or len(keep) <= limit):
+            out.usage = extract_usage(bytes(keep), sse=sse)
+            completion = (out.usage or {}).get("completion_tokens")
+            if not sse and isinstance(completion, int):
+                engine.tokens(ticket, n=completion)
+
+    def _account(self, plan: ProxyPlan, out: _Outcome) -> None:
+        duration = time.perf_counter() - plan.started
+        endpoint = out.endpoint_id or "none"
+        labels = {"model": plan.model_label, "endpoint": endpoint}
+        self._metrics.requests.labels(**labels, status=str(out.status)).inc()
+        self._metrics.latency.labels(**labels).observe(duration)
+        if out.ttft_s is not None:
+            self._metrics.ttft.labels(**labels).observe(out.ttft_s)
+        if out.outcome == "ok" and out.status >= 500:
+            out.outcome = "upstream_error"
+        record = FinishedRequest(
+            request_id=current_request_id(),
+            endpoint_id=out.endpoint_id,
+            model=plan.route.model,
+            adapter=plan.route.adapter,
+            stream=plan.fields.stream,
+            status=out.status,
+            outcome=out.outcome,
+            duration_s=duration,
+            ttft_s=out.ttft_s,
+            prompt_tokens_estimate=plan.route.prompt_tokens,
+            usage=out.usage,
+        )
+        for observer in self._observers:
+            try:
+                observer.on_request_finished(record)
+            except Exception:
+                log.exception("request observer %r failed", observer)
+
+
+class ProxyResponse(Response):
+    """A raw ASGI response running :meth:`Proxy.serve`, cancelled by ``http.disconnect``."""
+
+    def __init__(self, proxy: Proxy, plan: ProxyPlan) -> None:
+        super().__init__()
+        self._proxy = proxy
+        self._plan = plan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def watch_disconnect() -> None:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_disconnect)
+            await self._proxy.serve(self._plan, send)
+            tg.cancel_scope.cancel()
+
+
+async def _close_quietly(response: httpx.Response) -> None:
+    # Shielded: closing must finish even when the request was cancelled by a disconnect,
+    # so the connection is dropped (engine aborts) or returned to the pool.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+        await response.aclose()

@@ -1,0 +1,1 @@
+"""HTTP routes, one router per area: OpenAI API, operations (health/ready/metrics), admin."""

@@ -1,0 +1,81 @@
+"""Admin API: list, add and remove engines at runtime, and reload engines from the config file.
+
+``POST /admin/engines {"url": ..., "id"?: ..., "models"?: [...]}`` probes the new engine at
+once; ``DELETE /admin/engines/{id}`` takes it out of routing (requests in flight finish);
+``POST /admin/reload`` re-reads the ``engines`` section of the ``--config`` file and applies
+the difference. Protected by the API keys when they are configured.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from gateway.endpoints import default_endpoint_id
+from gateway.errors import ClientError, InvalidField, NotFound
+from gateway.responses import JSONBytes
+from gateway.routes.openai import check_auth, services_of
+from gateway.services import Services, add_engine
+from gateway.settings import EngineConfig, Settings
+
+router = APIRouter(prefix="/admin")
+
+
+def _admin(request: Request) -> Services:
+    services = services_of(request)
+    if not services.settings.admin_enabled:
+        raise NotFound("the admin API is disabled")
+    check_auth(request, services)
+    return services
+
+
+@router.get("/engines")
+async def list_engines(request: Request) -> JSONBytes:
+    services = _admin(request)
+    return JSONBytes({"engines": [state.describe() for state in services.endpoints]})
+
+
+@router.post("/engines")
+async def add(request: Request, engine: EngineConfig) -> JSONBytes:
+    services = _admin(request)
+    try:
+        state = services.endpoints.add(engine.url, endpoint_id=engine.id, models=engine.models)
+    except KeyError as exc:
+        raise InvalidField(str(exc.args[0]), param="id") from exc
+    await services.health.probe(state)
+    return JSONBytes(state.describe(), status_code=201)
+
+
+@router.delete("/engines/{endpoint_id:path}")
+async def remove(request: Request, endpoint_id: str) -> JSONBytes:
+    services = _admin(request)
+    try:
+        state = services.endpoints.remove(endpoint_id)
+    except KeyError as exc:
+        raise NotFound(f"no engine with id {endpoint_id!r}", param="id") from exc
+    return JSONBytes({"removed": state.describe()})
+
+
+@router.post("/reload")
+async def reload(request: Request) -> JSONBytes:
+    services = _admin(request)
+    if services.config_path is None:
+        raise ClientError("the gateway was not started with --config; nothing to reload")
+    try:
+        fresh = Settings.load(services.config_path)
+    except (OSError, ValueError) as exc:
+        raise ClientError(f"cannot reload {services.config_path}: {exc}") from exc
+    wanted = {engine.id or default_endpoint_id(engine.url): engine for engine in fresh.engines}
+    current = {state.id for state in services.endpoints}
+    removed = sorted(current - wanted.keys())
+    for eid in removed:
+        services.endpoints.remove(eid)
+    added = []
+    for eid, engine in wanted.items():
+        if eid not in current:
+            add_engine(services.endpoints, engine)
+            added.append(eid)
+    for eid in added:
+        state = services.endpoints.get(eid)
+        if state is not None:
+            await services.health.probe(state)
+    return JSONBytes({"added": added, "removed": removed})

@@ -1,0 +1,131 @@
+"""The gateway's one configuration object, loaded once by the CLI and passed down.
+
+Sources, highest priority first: keyword arguments, ``SWITCHYARD_*`` environment variables
+(``__`` separates nested sections, e.g. ``SWITCHYARD_HEALTH__INTERVAL_S=2``), the YAML file
+named by ``--config``, then the defaults below. Durations are float seconds named ``*_s``.
+Nothing else in the project reads the environment.
+
+Example::
+
+    settings = Settings.load("switchyard.yaml")
+    settings.proxy.read_timeout_s
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+PolicyName = Literal["random", "round-robin", "least-request"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineConfig(_Section):
+    """One upstream engine. ``id`` defaults to ``host:port`` of the URL."""
+
+    url: str
+    id: str | None = None
+    models: tuple[str, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("engine url must start with http:// or https://")
+        return value
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    limit_concurrency: int = Field(default=4096, gt=0)
+    graceful_shutdown_s: float = Field(default=5.0, ge=0)
+    access_log: bool = True
+
+
+class ProxySettings(_Section):
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    read_timeout_s: float = Field(default=300.0, gt=0)
+    write_timeout_s: float = Field(default=30.0, gt=0)
+    pool_timeout_s: float = Field(default=5.0, gt=0)
+    max_connections: int = Field(default=1024, gt=0)
+    max_keepalive_connections: int = Field(default=256, ge=0)
+    keepalive_expiry_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=2, ge=1, le=8)
+    retry_statuses: tuple[int, ...] = (500, 502, 503, 504)
+
+
+class RoutingSettings(_Section):
+    policy: PolicyName = "least-request"
+    debug_header: bool = False
+
+
+class HealthSettings(_Section):
+    interval_s: float = Field(default=2.0, gt=0)
+    timeout_s: float = Field(default=1.0, gt=0)
+    fail_threshold: int = Field(default=3, ge=1)
+    success_threshold: int = Field(default=2, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything configurable, frozen. See the module docstring for sources."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SWITCHYARD_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    server: ServerSettings = ServerSettings()
+    proxy: ProxySettings = ProxySettings()
+    routing: RoutingSettings = RoutingSettings()
+    health: HealthSettings = HealthSettings()
+    engines: tuple[EngineConfig, ...] = ()
+    admin_enabled: bool = True
+    # Client API keys; empty means no authentication (the local default).
+    api_keys: tuple[SecretStr, ...] = ()
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides: Any) -> Settings:
+        """Load from an optional YAML file + env + keyword overrides (the CLI calls this once)."""
+        if config is None:
+            return cls(**overrides)
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            model_config = SettingsConfigDict(**{**cls.model_config, "yaml_file": str(path)})
+
+        loaded = _FromFile(**overrides)
+        return cls.model_validate(loaded.model_dump())
