@@ -1,0 +1,197 @@
+"""Tokenizers for the simulated engine, and the ChatML chat template.
+
+Two implementations of one small :class:`Tokenizer` protocol:
+
+* :class:`HashTokenizer` (default, no files): text is split by a GPT-2-like regex into
+  special tokens, words with their leading whitespace, and single punctuation marks; each
+  piece maps to ``n_special + xxh3_64(piece) % (vocab_size - n_special)``.  Equal text gives
+  equal ids (what prefix caching needs) and counts are roughly BPE-like (one id per word).
+  ``decode`` is *not* the inverse: it renders every ordinary id as a deterministic
+  pseudo-word (``" bako"``), injective per id, so generated ids become readable text.
+* :class:`HFTokenizer`: a local ``tokenizer.json`` loaded with the ``tokenizers`` package
+  (nothing is downloaded), for exact token counts against a real engine.
+
+:func:`chat_prompt` renders OpenAI messages as ChatML (``<|im_start|>role\\ncontent<|im_end|>``),
+the template SmolLM2 and Qwen use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import xxhash
+
+__all__ = [
+    "CHATML_SPECIALS",
+    "HFTokenizer",
+    "HashTokenizer",
+    "Tokenizer",
+    "chat_prompt",
+    "load_tokenizer",
+]
+
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+"""Special tokens of ChatML models; ids 0, 1, 2 in SmolLM2's vocabulary and in HashTokenizer."""
+
+_PIECE = re.compile(r"<\|[A-Za-z0-9_]+\|>|\s*\w+|\s*[^\w\s]|\s+")
+_CONSONANTS = "bcdfghjklmnprstvz"
+_VOWELS = "aeiou"
+_SYLLABLES = tuple(c + v for c in _CONSONANTS for v in _VOWELS)  # 85
+
+
+class Tokenizer(Protocol):
+    """What the server needs: ids for text, text for ids, and the special ids."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+
+
+class HashTokenizer:
+    """Deterministic, file-free tokenizer.
+
+    Example: ``HashTokenizer(49152).encode("Hello, world")`` -> three ids, always the same.
+    """
+
+    __slots__ = ("_vocab", "_specials", "_special_ids", "_n_special")
+
+    def __init__(self, vocab_size: int = 49152, specials: Sequence[str] = CHATML_SPECIALS):
+        if vocab_size <= len(specials):
+            raise ValueError("vocab_size must exceed the number of special tokens")
+        self._vocab = vocab_size
+        self._specials = tuple(specials)
+        self._special_ids = {s: i for i, s in enumerate(self._specials)}
+        self._n_special = len(self._specials)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._special_ids.get("<|im_end|>", self._special_ids.get("<|endoftext|>"))
+
+    def token_to_id(self, piece: str) -> int:
+        """Id of one piece (special or ordinary)."""
+        special = self._special_ids.get(piece)
+        if special is not None:
+            return special
+        span = self._vocab - self._n_special
+        return self._n_special + xxhash.xxh3_64_intdigest(piece.encode()) % span
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        """Ids of ``text`` (ChatML models add no BOS, so ``add_special_tokens`` changes nothing)."""
+        return [self.token_to_id(m.group()) for m in _PIECE.finditer(text)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """Pseudo-words for ordinary ids; special tokens verbatim unless skipped."""
+        parts: list[str] = []
+        for i in ids:
+            if 0 <= i < self._n_special:
+                if not skip_special_tokens:
+                    parts.append(self._specials[i])
+                continue
+            parts.append(self._word(i - self._n_special))
+        return "".join(parts)
+
+    @staticmethod
+    def _word(m: int) -> str:
+        syl = [_SYLLABLES[m % 85]]
+        m //= 85
+        while m:
+            syl.append(_SYLLABLES[m % 85])
+            m //= 85
+        return " " + "".join(reversed(syl))
+
+
+class HFTokenizer:
+    """A local ``tokenizer.json`` (Hugging Face ``tokenizers``); never downloads.
+
+    Example: ``HFTokenizer("models/smollm2/tokenizer.json").encode("Hi")``.
+    """
+
+    __slots__ = ("_tok", "_eos")
+
+    def __init__(self, path: str | Path) -> None:
+        from tokenizers import Tokenizer as _HF  # optional at import time of this module
+
+        self._tok = _HF.from_file(str(path))
+        eos = None
+        for name in ("<|im_end|>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>"):
+            eos = self._tok.token_to_id(name)
+            if eos is not None:
+                break
+        self._eos: int | None = eos
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._eos
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        text: str = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+
+def load_tokenizer(path: str | Path | None = None, *, vocab_size: int = 49152) -> Tokenizer:
+    """``HFTokenizer(path)`` when a path is given, else a :class:`HashTokenizer`."""
+    if path is None:
+        return HashTokenizer(vocab_size)
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return HFTokenizer(p)
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, Mapping) and part.get("type", "text") == "text"
+        )
+    return str(content)
+
+
+def chat_prompt(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    default_system: str | None = None,
+) -> str:
+    """Render OpenAI chat ``messages`` as a ChatML prompt.
+
+    ``default_system`` is prepended when no system message is present (SmolLM2's template
+    does this with "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
+    """
+    out: list[str] = []
+    if default_system is not None and not any(m.get("role") == "system" for m in messages):
+        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
+    for m in messages:
+        out.append(f"<|im_start|>{m.get('role', 'user')}\n{_content_text(m.get('content'))}")
+        out.append("<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
