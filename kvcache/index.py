@@ -157,10 +157,18 @@ class PrefixIndex:
         self._expire(now)
         result: dict[str, int] = {}
         candidates = self._holders(hashes[0], now)
+        fast = not self._precise_endpoints  # only approximate entries: no per-pair checks
+        approx = self._approx
         for i in range(1, len(hashes)):
             if not candidates:
                 return result
-            holders = self._holders(hashes[i], now)
+            if fast:
+                entry = approx.get(hashes[i])
+                if entry is not None and candidates <= entry.keys():
+                    continue  # the common case: every candidate holds this block too
+                holders = set() if entry is None else set(entry)
+            else:
+                holders = self._holders(hashes[i], now)
             lost = candidates - holders
             if lost:
                 for endpoint in lost:
