@@ -26,6 +26,8 @@ import xxhash
 
 __all__ = [
     "CHATML_SPECIALS",
+    "ChatCodec",
+    "Message",
     "HFTokenizer",
     "HashTokenizer",
     "Tokenizer",
@@ -54,6 +56,8 @@ class Tokenizer(Protocol):
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]: ...
 
 
 class HashTokenizer:
@@ -103,6 +107,10 @@ class HashTokenizer:
             parts.append(self._word(i - self._n_special))
         return "".join(parts)
 
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        """One string per id (special tokens verbatim), as ``/tokenize`` ``token_strs``."""
+        return [self.decode((i,), skip_special_tokens=False) for i in ids]
+
     @staticmethod
     def _word(m: int) -> str:
         syl = [_SYLLABLES[m % 85]]
@@ -148,6 +156,9 @@ class HFTokenizer:
         text: str = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
         return text
 
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        return [self._tok.id_to_token(i) or "" for i in ids]
+
 
 def load_tokenizer(path: str | Path | None = None, *, vocab_size: int = 49152) -> Tokenizer:
     """``HFTokenizer(path)`` when a path is given, else a :class:`HashTokenizer`."""
@@ -175,8 +186,12 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
+Message = Mapping[str, Any] | tuple[str, str]
+"""An OpenAI message mapping (``{"role", "content"}``) or a ``(role, content)`` pair."""
+
+
 def chat_prompt(
-    messages: Sequence[Mapping[str, Any]],
+    messages: Sequence[Message],
     *,
     add_generation_prompt: bool = True,
     default_system: str | None = None,
@@ -186,12 +201,57 @@ def chat_prompt(
     ``default_system`` is prepended when no system message is present (SmolLM2's template
     does this with "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
     """
+    pairs = [
+        m if isinstance(m, tuple) else (str(m.get("role", "user")), _content_text(m.get("content")))
+        for m in messages
+    ]
     out: list[str] = []
-    if default_system is not None and not any(m.get("role") == "system" for m in messages):
+    if default_system is not None and not any(role == "system" for role, _ in pairs):
         out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-    for m in messages:
-        out.append(f"<|im_start|>{m.get('role', 'user')}\n{_content_text(m.get('content'))}")
-        out.append("<|im_end|>\n")
+    for role, content in pairs:
+        out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
     if add_generation_prompt:
         out.append("<|im_start|>assistant\n")
     return "".join(out)
+
+
+class ChatCodec:
+    """Tokenizer + ChatML template + EOS ids: what the sim server's ``TextCodec`` needs.
+
+    Example: ``ChatCodec(load_tokenizer(None)).chat_prompt([("user", "hi")],
+    add_generation_prompt=True)``.
+    """
+
+    __slots__ = ("tokenizer", "_eos", "_default_system")
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        eos_token_ids: tuple[int, ...] | None = None,
+        default_system: str | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        self._eos = eos_token_ids if eos_token_ids is not None else (() if eos is None else (eos,))
+        self._default_system = default_system
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+        return chat_prompt(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            default_system=self._default_system,
+        )
+
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.token_strs(token_ids)

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from enginesim.core.tokenizer import HashTokenizer, HFTokenizer, chat_prompt, load_tokenizer
+from enginesim.core.tokenizer import (
+    ChatCodec,
+    HashTokenizer,
+    HFTokenizer,
+    chat_prompt,
+    load_tokenizer,
+)
 
 
 def test_hash_tokenizer_is_deterministic_and_wordlike() -> None:
@@ -59,8 +65,19 @@ def test_local_tokenizer_json_is_loaded(tmp_path: Path) -> None:
     tok = load_tokenizer(tmp_path)  # a directory holding tokenizer.json
     assert isinstance(tok, HFTokenizer)
     ids = tok.encode("the cat")
-    assert tok.decode(ids) == "the cat"
+    assert tok.decode(ids) == "the cat" and tok.token_strs(ids) == ["the", "cat"]
     assert tok.eos_token_id == 1 and tok.vocab_size == hf.get_vocab_size()
     assert isinstance(load_tokenizer(None, vocab_size=100), HashTokenizer)
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_chat_codec_matches_the_server_seam() -> None:
+    codec = ChatCodec(HashTokenizer(49152), default_system="S")
+    assert codec.eos_token_ids == (2,)
+    prompt = codec.chat_prompt([("user", "hi")], add_generation_prompt=True)
+    assert prompt == chat_prompt([{"role": "user", "content": "hi"}], default_system="S")
+    ids = codec.encode(prompt)
+    assert ids[:2] == [1, codec.encode("system")[0]] and 2 in ids
+    assert codec.token_strs([1, 3]) == ["<|im_start|>", " ba"]
+    assert codec.decode([1, 3, 2]) == " ba"
