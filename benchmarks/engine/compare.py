@@ -134,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             results[kind] = anyio.run(run)
     text, misses = table(results)
     print(text)
-    print("within 25% everywhere" if not misses else "outside 25%: " + "; ".join(misses))
+    if len(results) < 2:
+        print("only one engine measured: no comparison")
+    elif misses:
+        print("outside 25%: " + "; ".join(misses))
+    else:
+        print("within 25% everywhere")
     doc: dict[str, Any] = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hardware": hardware(),
