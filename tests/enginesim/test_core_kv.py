@@ -204,3 +204,46 @@ def test_reset_prefix_cache() -> None:
     assert core.take_events() == [KVEvent("AllBlocksCleared")]
     core.add_request(_req("b", tuple(range(8))))
     assert core.step(0.0).outputs[0].num_cached_tokens == 0
+
+
+def _check_invariants(core: EngineCore) -> None:
+    kv, sched = core.kv, core.scheduler
+    refs = [0] * kv.num_blocks
+    for state in sched.running:
+        assert len(state.blocks) * kv.block_size >= state.num_computed
+        assert state.num_cached_blocks <= len(state.blocks)
+        for b in state.blocks:
+            refs[b] += 1
+    for state in sched.waiting:
+        assert state.blocks == [] and state.num_computed == 0
+    assert refs == [kv.ref_count(b) for b in range(kv.num_blocks)]
+    assert sorted(kv.free_order()) == [b for b in range(kv.num_blocks) if refs[b] == 0]
+    hashed = [kv.block_hash(b) for b in range(kv.num_blocks)]
+    assert kv.num_cached == sum(h is not None for h in hashed)
+    assert len(sched.running) <= core.profile.max_num_seqs
+
+
+def test_random_workload_keeps_block_accounting_consistent() -> None:
+    import random
+
+    rng = random.Random(42)
+    core = EngineCore(_profile(num_gpu_blocks=24, max_num_seqs=6, max_num_batched_tokens=24))
+    stems = [tuple(rng.randrange(1000) for _ in range(12)) for _ in range(3)]
+    live: list[str] = []
+    for i in range(400):
+        if rng.random() < 0.4:
+            prompt = rng.choice(stems) + tuple(rng.randrange(1000) for _ in range(rng.randrange(9)))
+            core.add_request(_req(f"q{i}", prompt, max_tokens=rng.randrange(1, 20)))
+            live.append(f"q{i}")
+        if live and rng.random() < 0.05:
+            core.abort_request(live.pop(rng.randrange(len(live))))
+        res = core.step(0.0)
+        for out in res.outputs:
+            if out.finished and out.request_id in live:
+                live.remove(out.request_id)
+        _check_invariants(core)
+    _drain(core)
+    _check_invariants(core)
+    s = core.stats()
+    assert s.num_preemptions > 0 and s.prefix_cache_hits > 0  # the workload exercised both
+    assert s.kv_cache_usage == 0.0 and core.kv.num_free == 24
