@@ -1,10 +1,86 @@
-"""The ``switchyard`` console script: ``up`` (quickstart), ``serve`` (real engines), ``sim``."""
+"""The ``switchyard`` console script: ``up`` (quickstart), ``serve`` (real engines), ``sim``.
+
+Settings are loaded here, once, and passed down; nothing else reads the environment.
+"""
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Switchyard LLM gateway")
+
+
+def _load(config: Path | None, **server: Any) -> Any:
+    from gateway.settings import Settings
+
+    overrides = {k: v for k, v in server.items() if v is not None}
+    try:
+        return Settings.load(config, **({"server": overrides} if overrides else {}))
+    except (OSError, ValueError) as exc:
+        typer.echo(f"switchyard: invalid configuration: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def up(
+    port: int = typer.Option(8000, help="gateway port on 127.0.0.1"),
+    engines: int = typer.Option(4, min=1, max=64, help="number of simulated engines"),
+    profile: str = typer.Option("cpu-smollm2", help="enginesim timing profile"),
+    speed: float = typer.Option(1.0, help="simulated seconds per wall second"),
+    engine_base_port: int = typer.Option(0, help="first engine port (0: free ports)"),
+    model: str | None = typer.Option(None, help="served model name (default: profile's)"),
+    config: str | None = typer.Option(None, help="optional switchyard.yaml for gateway settings"),
+) -> None:
+    """Quickstart: the gateway on 127.0.0.1 with simulated engines, nothing else needed."""
+    from gateway.quickstart import run_up
+    from gateway.runner import configure_logging
+
+    settings = _load(Path(config) if config else None, host="127.0.0.1", port=port)
+    configure_logging(settings.log_level)
+    run = partial(
+        run_up,
+        settings,
+        engines=engines,
+        profile=profile,
+        speed=speed,
+        engine_base_port=engine_base_port,
+        model=model,
+    )
+    try:
+        anyio.run(run, backend="asyncio")
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def serve(
+    config: str = typer.Option(..., "--config", "-c", help="switchyard.yaml"),
+    host: str | None = typer.Option(None, help="override server.host"),
+    port: int | None = typer.Option(None, help="override server.port"),
+) -> None:
+    """The gateway in front of the real engines listed in the config file."""
+    from gateway.runner import build_server, configure_logging, serve_gateway
+
+    path = Path(config)
+    settings = _load(path, host=host, port=port)
+    configure_logging(settings.log_level)
+    server = build_server(settings, config_path=path)
+
+    async def started(bound: int) -> None:
+        typer.echo(
+            f"Switchyard gateway on http://{settings.server.host}:{bound} "
+            f"with {len(settings.engines)} engine(s) from {config}"
+        )
+
+    try:
+        anyio.run(partial(serve_gateway, server, on_started=started), backend="asyncio")
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

@@ -144,8 +144,10 @@ def test_client_disconnect_cancels_upstream_and_frees_counters(
     body = {**CHAT, "stream": True, "max_tokens": 50, "fake": {"itl": 0.5}}
     with httpx.Client(timeout=10) as c:
         with c.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as resp:
-            next(resp.iter_raw())
+            chunks = resp.iter_raw()
+            next(chunks)
             assert engine.running == 1
+            assert _in_flight(httpx.get(f"{gw.url}/metrics").text) == 1
     # Leaving the block closed the connection mid-stream.
     assert wait_until(lambda: engine.running == 0)
     assert engine.cancelled == 1

@@ -1,0 +1,101 @@
+"""``switchyard up``: the gateway plus N simulated engines in one process, no other service.
+
+The engines (``enginesim``) and the gateway share one event loop and one task group; the
+gateway starts once every engine listens, then prints the exact Python snippet that talks to
+it with the official ``openai`` SDK. Ctrl-C stops the gateway, then the engines.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import anyio
+
+from gateway.runner import build_server, first_model, serve_gateway
+from gateway.settings import EngineConfig, Settings
+
+
+def snippet(base_url: str, model: str) -> str:
+    """The Python a new user pastes to try the gateway."""
+    return f'''from openai import OpenAI
+
+client = OpenAI(base_url="{base_url}/v1", api_key="unused")
+
+reply = client.chat.completions.create(
+    model="{model}",
+    messages=[{{"role": "user", "content": "Say hello to Switchyard!"}}],
+)
+print(reply.choices[0].message.content)
+
+for chunk in client.chat.completions.create(
+    model="{model}",
+    messages=[{{"role": "user", "content": "Count to five."}}],
+    stream=True,
+):
+    if chunk.choices:
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+'''
+
+
+def banner(base_url: str, model: str, engine_urls: list[str]) -> str:
+    engines = "\n".join(f"  engine {i}: {url}" for i, url in enumerate(engine_urls))
+    return (
+        f"\nSwitchyard gateway on {base_url}  (simulated engines, in-memory state)\n"
+        f"{engines}\n"
+        f"  health {base_url}/ready   metrics {base_url}/metrics   models {base_url}/v1/models\n"
+        f"\nTry it with the official openai SDK (pip install openai):\n\n"
+        f"{snippet(base_url, model)}\n"
+        f"Press Ctrl-C to stop.\n"
+    )
+
+
+async def run_up(
+    settings: Settings,
+    *,
+    engines: int,
+    profile: str,
+    speed: float,
+    engine_base_port: int,
+    model: str | None,
+) -> None:
+    from enginesim.cluster import ClusterConfig, serve_cluster
+
+    cfg = ClusterConfig(
+        engines=engines,
+        base_port=engine_base_port,
+        host="127.0.0.1",
+        profile=profile,
+        speed=speed,
+        model=model,
+    )
+    urls: list[str] = []
+    ready = anyio.Event()
+
+    def on_ready(engine_urls: list[str]) -> None:
+        urls.extend(engine_urls)
+        ready.set()
+
+    async with anyio.create_task_group() as tg:
+
+        async def run_engines() -> None:
+            try:
+                await serve_cluster(cfg, on_ready=on_ready)
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(run_engines)
+        await ready.wait()
+        overrides: dict[str, Any] = {"engines": tuple(EngineConfig(url=u) for u in urls)}
+        full = Settings.model_validate({**settings.model_dump(), **overrides})
+        server = build_server(full)
+
+        async def started(port: int) -> None:
+            base_url = f"http://{full.server.host}:{port}"
+            served = await first_model(base_url)
+            sys.stdout.write(banner(base_url, served or "<model>", urls))
+            sys.stdout.flush()
+
+        await serve_gateway(server, on_started=started)
+        tg.cancel_scope.cancel()

@@ -1,0 +1,103 @@
+"""Run the gateway (and, for ``switchyard up``, simulated engines) in one event loop.
+
+Both commands run their parts in one anyio task group and own the signals: the first Ctrl-C
+or SIGTERM asks uvicorn to stop accepting and finish in-flight requests (bounded by
+``server.graceful_shutdown_s``), then the simulated engines are cancelled. A second Ctrl-C
+while stopping makes uvicorn give up on open connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import httpx
+
+from gateway.app import create_app
+from gateway.server import EmbeddedServer, bound_port, make_server
+from gateway.settings import Settings
+
+log = logging.getLogger("switchyard")
+
+START_TIMEOUT_S = 30.0
+
+
+def configure_logging(level: str) -> None:
+    """Configure the root logger once, in the CLI process only."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def build_server(settings: Settings, *, config_path: Path | None = None) -> EmbeddedServer:
+    app = create_app(settings, config_path=config_path)
+    return make_server(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        limit_concurrency=settings.server.limit_concurrency,
+        graceful_shutdown_s=settings.server.graceful_shutdown_s,
+        log_level="warning",
+    )
+
+
+async def wait_started(server: EmbeddedServer, task_done: Callable[[], bool]) -> int:
+    """Wait until uvicorn listens (bounded); returns the bound port."""
+    with anyio.fail_after(START_TIMEOUT_S):
+        while not server.started:
+            if task_done():
+                raise RuntimeError("the gateway server exited during startup (port in use?)")
+            await anyio.sleep(0.01)
+    return bound_port(server)
+
+
+async def serve_gateway(
+    server: EmbeddedServer,
+    *,
+    on_started: Callable[[int], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+    async with anyio.create_task_group() as tg:
+        done = anyio.Event()
+
+        async def run_server() -> None:
+            try:
+                await server.serve()
+            except SystemExit as exc:  # uvicorn exits when it cannot bind
+                raise RuntimeError(f"cannot start the gateway: {exc}") from exc
+            finally:
+                done.set()
+                tg.cancel_scope.cancel()
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if server.should_exit:
+                        server.force_exit = True
+                    else:
+                        log.info("signal %d: stopping (Ctrl-C again to force)", signum)
+                        server.should_exit = True
+
+        tg.start_soon(watch_signals)
+        tg.start_soon(run_server)
+        port = await wait_started(server, done.is_set)
+        if on_started is not None:
+            await on_started(port)
+        await done.wait()
+
+
+async def first_model(base_url: str, *, timeout_s: float = 10.0) -> str | None:
+    """The first model the gateway lists (what a new user would pick)."""
+    async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        with anyio.move_on_after(timeout_s):
+            while True:
+                resp = await client.get(f"{base_url}/v1/models")
+                data = resp.json().get("data") if resp.status_code == 200 else None
+                if data:
+                    return str(data[0]["id"])
+                await anyio.sleep(0.1)
+    return None
