@@ -116,10 +116,8 @@ def test_unhealthy_engine_leaves_and_returns(
     seen = {_served_by(client.post(f"{gw.url}/v1/chat/completions", json=CHAT)) for _ in range(4)}
     assert sick_host in seen
     metrics = client.get(f"{gw.url}/metrics").text
-    assert (
-        f'switchyard_endpoint_health_transitions_total{{endpoint="{sick_host}",state="unhealthy"}} 1.0'
-        in metrics
-    )  # noqa: E501
+    labels = f'{{endpoint="{sick_host}",state="unhealthy"}}'
+    assert f"switchyard_endpoint_health_transitions_total{labels} 1.0" in metrics
 
 
 def test_admin_adds_and_removes_engines(
