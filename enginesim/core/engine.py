@@ -128,6 +128,8 @@ class EngineCore:
                 shape.add_decode(start + 1)
             else:
                 shape.add_prefill(n, start)
+            if state.req.adapter is not None:
+                shape.lora_tokens += n
             state.num_computed = start + n
             self._cache_full_blocks(state, bs)
             if state.num_computed < state.num_tokens:

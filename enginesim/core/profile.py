@@ -47,12 +47,17 @@ class EngineProfile:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    # Step time t = c0 + c_prefill*P + c_attn*sum(n*(s+n/2)) + c_decode*D + c_ctx*sum(ctx).
+    # Step time t = c0 + c_prefill*P + c_attn*sum(n*(s+n/2)) + c_decode*D + c_ctx*sum(ctx)
+    # (enginesim.core.timing).
     c0_s: float
     c_prefill_s: float
     c_attn_s: float
     c_decode_s: float
     c_ctx_s: float
+    # LoRA compute: + c_lora_step_s once per step that runs any adapter,
+    # + c_lora_token_s per token computed for adapter requests.
+    c_lora_step_s: float = 0.0
+    c_lora_token_s: float = 0.0
     # Generated ids are drawn from [first_output_token_id, vocab_size) (skips special tokens).
     vocab_size: int = 32000
     first_output_token_id: int = 0
@@ -79,7 +84,15 @@ class EngineProfile:
                 raise ValueError(f"profile {self.name!r}: {name} must be positive")
         if self.max_model_len <= 0 or self.vocab_size <= 0 or self.max_loras < 0:
             raise ValueError(f"profile {self.name!r}: invalid max_model_len/vocab_size/max_loras")
-        coeffs = (self.c0_s, self.c_prefill_s, self.c_attn_s, self.c_decode_s, self.c_ctx_s)
+        coeffs = (
+            self.c0_s,
+            self.c_prefill_s,
+            self.c_attn_s,
+            self.c_decode_s,
+            self.c_ctx_s,
+            self.c_lora_step_s,
+            self.c_lora_token_s,
+        )
         if any(c < 0 or not math.isfinite(c) for c in coeffs):
             raise ValueError(f"profile {self.name!r}: step-time coefficients must be >= 0")
         if self.lora_load_bytes_per_s <= 0 or self.lora_disk_bytes_per_s <= 0:

@@ -6,6 +6,9 @@ For a step that computes prefill chunks ``(n_i tokens starting at context offset
     t = c0 + c_prefill * sum(n_i) + c_attn * sum(n_i * (s_i + n_i / 2))
            + c_decode * D + c_ctx * sum(ctx_j)
 
+plus, when the step runs any LoRA adapter, ``c_lora_step + c_lora_token * L`` where ``L``
+is the number of tokens computed for adapter requests (LoRA's extra matmuls).
+
 ``c0`` is the per-step cost (weights read once per step), ``c_prefill`` the dense compute per
 prefill token (2 * params FLOPs), ``c_attn`` causal attention over the chunk (each of the
 ``n`` tokens attends on average ``s + n/2`` earlier tokens), ``c_decode`` the per-sequence
@@ -36,6 +39,7 @@ class BatchShape:
     attn_sum: float = 0.0
     num_decodes: int = 0
     ctx_sum: int = 0
+    lora_tokens: int = 0
 
     def add_prefill(self, n: int, start: int) -> None:
         """A prefill chunk of ``n`` tokens whose first token sits at context offset ``start``."""
@@ -62,4 +66,9 @@ def step_time(profile: EngineProfile, batch: BatchShape) -> float:
         + profile.c_attn_s * batch.attn_sum
         + profile.c_decode_s * batch.num_decodes
         + profile.c_ctx_s * batch.ctx_sum
+        + (
+            profile.c_lora_step_s + profile.c_lora_token_s * batch.lora_tokens
+            if batch.lora_tokens
+            else 0.0
+        )
     )

@@ -119,3 +119,16 @@ def test_unload_keeps_queued_requests_running() -> None:
     assert [o.finished for o in outs] == [None, "length"]
     with pytest.raises(ValueError, match="not loaded"):
         core.add_request(_req("rb", 2, "a"))
+
+
+def test_lora_compute_cost_per_step_and_per_adapter_token() -> None:
+    core = EngineCore(_profile(max_loras=2, c_lora_step_s=0.0625, c_lora_token_s=0.015625))
+    core.load_adapter("a", size_bytes=0)
+    core.add_request(_req("ra", 2, "a"))
+    core.add_request(_req("base", 2))
+    res = core.step(0.0)  # 6 prefill tokens, 3 of them for the adapter; swap-in costs 0
+    assert res.duration_s == 0.5 + 6 * 0.25 + 0.0625 + 3 * 0.015625
+    res = core.step(0.0)  # two decodes, one with the adapter
+    assert res.duration_s == 0.5 + 2 * 0.125 + 0.0625 + 0.015625
+    core.add_request(_req("base2", 1))
+    assert core.step(0.0).duration_s == 0.5 + 3 * 0.25  # no adapter in the batch: no LoRA term
