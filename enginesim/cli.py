@@ -1,0 +1,146 @@
+"""Command-line entry points of the simulator: ``switchyard sim`` (via :func:`run_sim`) and
+``python -m enginesim`` (via :func:`main`). Both run :func:`enginesim.cluster.serve_cluster`
+until Ctrl-C or SIGTERM, then shut the engines down cleanly and return.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import anyio
+
+from enginesim.cluster import ClusterConfig, serve_cluster
+from enginesim.server.faults import Faults
+
+__all__ = ["main", "run_sim"]
+
+log = logging.getLogger("enginesim")
+
+
+async def _run_until_signalled(cfg: ClusterConfig) -> None:
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("enginesim: got signal %d, shutting down", signum)
+                    tg.cancel_scope.cancel()
+                    return
+
+        def ready(urls: list[str]) -> None:
+            for url in urls:
+                log.info("enginesim: engine ready at %s", url)
+
+        tg.start_soon(watch_signals)
+        await serve_cluster(cfg, on_ready=ready)
+
+
+def run_cluster(cfg: ClusterConfig) -> None:
+    """Blocking: serve until Ctrl-C/SIGTERM (configures logging; CLI use only)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        anyio.run(partial(_run_until_signalled, cfg), backend="asyncio")
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        pass
+
+
+def run_sim(
+    *,
+    engines: int,
+    base_port: int,
+    profile: str,
+    speed: float,
+    kv_events: bool,
+    model: str | None,
+    host: str,
+    kv_events_base_port: int = 5557,
+    seed: int = 0,
+    cold_start_s: float | None = 0.0,
+    faults: Faults | None = None,
+    tokenizer: str | None = None,
+) -> None:
+    """What ``switchyard sim`` calls."""
+    run_cluster(
+        ClusterConfig(
+            engines=engines,
+            base_port=base_port,
+            host=host,
+            profile=profile,
+            speed=speed,
+            kv_events=kv_events,
+            kv_events_base_port=kv_events_base_port,
+            model=model,
+            seed=seed,
+            cold_start_s=cold_start_s,
+            faults=faults or Faults(),
+            tokenizer=tokenizer,
+        )
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m enginesim", description=__doc__)
+    p.add_argument("--engines", type=int, default=1, help="engines in this process")
+    p.add_argument("--base-port", type=int, default=8100, help="engine i on base_port+i (0: free)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--profile", default="cpu-smollm2", help="profile name or JSON file")
+    p.add_argument("--model", default=None, help="served model name (default: profile's)")
+    p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="local tokenizer.json (default: hash)")
+    p.add_argument("--kv-events", action="store_true", help="publish KV events over ZMQ")
+    p.add_argument("--kv-events-base-port", type=int, default=5557)
+    cold = p.add_mutually_exclusive_group()
+    cold.add_argument("--cold-start-s", type=float, default=0.0, help="simulated cold start")
+    cold.add_argument("--profile-cold-start", action="store_true", help="use the profile's")
+    p.add_argument("--fault-error-rate", type=float, default=0.0, help="fraction 0..1")
+    p.add_argument("--fault-error-status", default="500", help="comma-separated statuses")
+    p.add_argument("--fault-hang", action="store_true", help="requests never answer")
+    p.add_argument("--fault-slowdown", type=float, default=1.0, help="step-time factor >= 1")
+    p.add_argument("--fault-crash-after-tokens", type=int, default=None)
+    p.add_argument("--fault-refuse-connections", action="store_true")
+    p.add_argument("--fault-dead", action="store_true", help="/health 503, requests 503")
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    return p
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> ClusterConfig:
+    args = _parser().parse_args(argv)
+    faults = Faults(
+        error_rate=args.fault_error_rate,
+        error_status=tuple(int(s) for s in args.fault_error_status.split(",") if s.strip()),
+        hang=args.fault_hang,
+        slowdown=max(1.0, args.fault_slowdown),
+        crash_mid_stream_after_tokens=args.fault_crash_after_tokens,
+        refuse_connections=args.fault_refuse_connections,
+        dead=args.fault_dead,
+    )
+    return ClusterConfig(
+        engines=args.engines,
+        base_port=args.base_port,
+        host=args.host,
+        profile=args.profile,
+        speed=args.speed,
+        kv_events=args.kv_events,
+        kv_events_base_port=args.kv_events_base_port,
+        model=args.model,
+        seed=args.seed,
+        cold_start_s=None if args.profile_cold_start else args.cold_start_s,
+        faults=faults,
+        tokenizer=args.tokenizer,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_cluster(config_from_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

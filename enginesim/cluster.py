@@ -1,0 +1,310 @@
+"""Run N simulated vLLM engines in one process and one event loop.
+
+Each engine is an :class:`~enginesim.core.engine.EngineCore` driven by an
+:class:`~enginesim.server.driver.EngineDriver` task, served by its own uvicorn ``Server`` on
+``base_port + i`` (``base_port=0``: each engine gets a free port), optionally publishing KV
+events on ``kv_events_base_port + i``. :func:`serve_cluster` runs until cancelled and then shuts
+every server down cleanly; it installs no signal handlers, so a caller (``switchyard up``, tests)
+can run it inside its own task group::
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(serve_cluster, ClusterConfig(engines=4), on_ready=print))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import anyio
+import uvicorn
+from anyio.abc import TaskGroup
+
+from enginesim.core.api import KVEvent
+from enginesim.core.engine import EngineCore
+from enginesim.core.profile import EngineProfile, load_profile
+from enginesim.server.app import create_engine_app
+from enginesim.server.codec import load_codec
+from enginesim.server.driver import EngineDriver
+from enginesim.server.faults import FaultInjector, Faults
+from enginesim.server.kv_events import KVEventPublisher
+from enginesim.server.metrics import EngineMetrics
+from enginesim.server.runtime import EngineRuntime, EngineSpec, TextCodec
+
+__all__ = ["ClusterConfig", "RunningEngine", "serve_cluster"]
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """What to run. ``cold_start_s=None`` uses the profile's cold start; 0 starts ready.
+    ``tokenizer``: a local ``tokenizer.json`` (or its directory) for exact token counts.
+
+    >>> ClusterConfig(engines=4, base_port=8100, profile="cpu-smollm2", speed=10.0)
+    """
+
+    engines: int = 1
+    base_port: int = 8100
+    host: str = "127.0.0.1"
+    profile: str = "cpu-smollm2"
+    speed: float = 1.0
+    kv_events: bool = False
+    kv_events_base_port: int = 5557
+    model: str | None = None
+    seed: int = 0
+    cold_start_s: float | None = 0.0
+    faults: Faults = field(default_factory=Faults)
+    tokenizer: str | None = None
+    log_level: str = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class RunningEngine:
+    """One started engine: its URL, its KV-event endpoint and its runtime (for tests/tools)."""
+
+    index: int
+    url: str
+    kv_events_endpoint: str | None
+    runtime: EngineRuntime
+
+
+class _EngineServer(uvicorn.Server):
+    """uvicorn without signal handling: the embedding application owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # older uvicorn releases
+        return None
+
+
+class _Listener:
+    """``refuse_connections``: close the listening socket (and open connections), reopen later."""
+
+    def __init__(self, server: _EngineServer, rt: EngineRuntime, tg: TaskGroup) -> None:
+        self._server = server
+        self._rt = rt
+        self._tg = tg
+        self._host = ""
+        self._port = 0
+        self._factory: Callable[[], asyncio.Protocol] | None = None
+
+    def bind(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        # uvicorn builds its protocol factory inside startup(); reuse it to listen again.
+        self._factory = self._server.servers[0]._protocol_factory  # type: ignore[attr-defined]
+
+    def refuse(self, for_s: float | None) -> None:
+        self._tg.start_soon(self._refuse, for_s)
+
+    def resume(self) -> None:
+        self._tg.start_soon(self._listen)
+
+    async def _refuse(self, for_s: float | None) -> None:
+        await anyio.sleep(0.05)  # let the admin response leave first
+        for srv in self._server.servers:
+            srv.close()
+        for conn in list(self._server.server_state.connections):
+            transport = getattr(conn, "transport", None)
+            if transport is not None:
+                transport.abort()
+        if for_s is not None:
+            await anyio.sleep(for_s)
+            self._rt.faults.set_refusing(False)
+            await self._listen()
+
+    async def _listen(self) -> None:
+        if self._factory is None or any(s.is_serving() for s in self._server.servers):
+            return
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(self._factory, self._host, self._port, reuse_address=True)
+        self._server.servers.append(srv)
+
+
+class _EventSink:
+    """Late-bound KV-event target: the publisher is created once the HTTP port is known."""
+
+    def __init__(self) -> None:
+        self.publisher: KVEventPublisher | None = None
+
+    def __call__(self, events: Sequence[KVEvent]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(events)
+
+
+@dataclass(slots=True)
+class _Engine:
+    index: int
+    runtime: EngineRuntime
+    server: _EngineServer
+    listener: _Listener
+    sink: _EventSink
+    kv_port: int | None
+
+
+def _spec(
+    cfg: ClusterConfig, profile: EngineProfile, index: int, eos: tuple[int, ...]
+) -> EngineSpec:
+    cold = profile.cold_start_s if cfg.cold_start_s is None else cfg.cold_start_s
+    return EngineSpec(
+        served_model_name=cfg.model or profile.model,
+        model_root=profile.model,
+        max_model_len=profile.max_model_len,
+        block_size=profile.block_size,
+        max_loras=profile.max_loras,
+        cold_start_s=max(0.0, cold),
+        eos_token_ids=eos,
+        max_num_seqs=profile.max_num_seqs,
+        max_num_batched_tokens=profile.max_num_batched_tokens,
+        vocab_size=profile.vocab_size,
+        engine_index=index,
+    )
+
+
+CodecFactory = Callable[[EngineProfile], TextCodec]
+
+
+def _build(
+    cfg: ClusterConfig, profile: EngineProfile, index: int, tg: TaskGroup, codecs: CodecFactory
+) -> _Engine:
+    codec = codecs(profile)
+    core = EngineCore(profile, seed=cfg.seed + index)
+    spec = _spec(cfg, profile, index, codec.eos_token_ids)
+    metrics = EngineMetrics(
+        model_name=spec.served_model_name,
+        max_model_len=spec.max_model_len,
+        stats_fn=core.stats,
+        gpu_memory_utilization=profile.gpu_memory_utilization,
+    )
+    faults = FaultInjector(cfg.faults, seed=cfg.seed * 1_000_003 + index)
+    sink = _EventSink()
+    driver = EngineDriver(
+        core,
+        speed=cfg.speed,
+        metrics=metrics,
+        slowdown=lambda: faults.faults.slowdown,
+        on_events=sink,
+    )
+    rt = EngineRuntime(spec=spec, codec=codec, driver=driver, metrics=metrics, faults=faults)
+    port = cfg.base_port + index if cfg.base_port else 0
+    config = uvicorn.Config(
+        create_engine_app(rt),
+        host=cfg.host,
+        port=port,
+        log_level=cfg.log_level,
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        timeout_graceful_shutdown=1,
+        timeout_keep_alive=30,
+    )
+    server = _EngineServer(config)
+    listener = _Listener(server, rt, tg)
+    rt.listener = listener
+    kv_port = None
+    if cfg.kv_events:
+        kv_port = cfg.kv_events_base_port + index if cfg.kv_events_base_port else 0
+    return _Engine(index, rt, server, listener, sink, kv_port)
+
+
+async def _serve(server: _EngineServer) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        raise RuntimeError(f"engine server on port {server.config.port} failed to start") from exc
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+async def _wait_started(
+    cfg: ClusterConfig, engines: list[_Engine], tasks: list[asyncio.Task[None]]
+) -> list[RunningEngine]:
+    with anyio.fail_after(START_TIMEOUT_S):
+        while not all(e.server.started for e in engines):
+            for t in tasks:
+                if t.done():
+                    t.result()  # raises the start failure
+                    raise RuntimeError("engine server exited during startup")
+            await anyio.sleep(0.005)
+    running = []
+    host = _url_host(cfg.host)
+    for e in engines:
+        sockets = e.server.servers[0].sockets
+        port = int(sockets[0].getsockname()[1])
+        e.listener.bind(cfg.host, port)
+        endpoint = None
+        if e.kv_port is not None:
+            kv_target = f"tcp://{host}:{e.kv_port}" if e.kv_port else f"tcp://{host}:*"
+            topic = f"kv@{host}:{port}@{e.runtime.spec.served_model_name}"
+            pub = KVEventPublisher(kv_target, topic=topic)
+            e.runtime.kv_publisher = pub
+            e.sink.publisher = pub
+            endpoint = pub.endpoint
+        if e.runtime.faults.faults.refuse_connections:
+            e.listener.refuse(None)
+        running.append(RunningEngine(e.index, f"http://{host}:{port}", endpoint, e.runtime))
+    return running
+
+
+async def _stop(engines: list[_Engine], tasks: list[asyncio.Task[None]]) -> None:
+    for e in engines:
+        e.server.should_exit = True
+    with anyio.move_on_after(STOP_TIMEOUT_S):
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for t in tasks:
+        if not t.done():
+            t.cancel()
+    for e in engines:
+        e.sink.publisher = None
+        if e.runtime.kv_publisher is not None:
+            e.runtime.kv_publisher.close()
+            e.runtime.kv_publisher = None
+
+
+async def serve_cluster(
+    cfg: ClusterConfig,
+    *,
+    on_ready: Callable[[list[str]], None] | None = None,
+    on_engines: Callable[[list[RunningEngine]], None] | None = None,
+    codec_factory: CodecFactory | None = None,
+) -> None:
+    """Serve ``cfg.engines`` engines until cancelled; ``on_ready`` gets their base URLs.
+
+    ``on_engines`` gets the :class:`RunningEngine` handles (KV endpoints, runtimes);
+    ``codec_factory`` replaces the profile's tokenizer (tests).
+    """
+    if cfg.engines < 1:
+        raise ValueError("engines must be >= 1")
+    profile = load_profile(cfg.profile)
+    async with anyio.create_task_group() as tg:
+        codecs = codec_factory or partial(load_codec, tokenizer=cfg.tokenizer)
+        engines = [_build(cfg, profile, i, tg, codecs) for i in range(cfg.engines)]
+        for e in engines:
+            tg.start_soon(e.runtime.driver.run)
+        tasks = [asyncio.create_task(_serve(e.server)) for e in engines]
+        try:
+            running = await _wait_started(cfg, engines, tasks)
+            log.info("enginesim: %d engine(s) ready: %s", len(running), [r.url for r in running])
+            if on_engines is not None:
+                on_engines(running)
+            if on_ready is not None:
+                on_ready([r.url for r in running])
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            raise RuntimeError("an engine server stopped unexpectedly")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _stop(engines, tasks)
+            tg.cancel_scope.cancel()

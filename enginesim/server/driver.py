@@ -1,0 +1,191 @@
+"""The clock-owning loop of one simulated engine.
+
+Simulated time is ``(monotonic() - start) * speed``. While the core has work the driver calls
+``core.step(now)``, sleeps ``duration / speed`` wall seconds (times the fault slowdown), then
+delivers each request's outputs, stamped ``now + duration``, to that request's bounded queue and
+records the vLLM request metrics in simulated seconds. Idle, it waits on an event set by
+:meth:`EngineDriver.submit`. KV events taken from the core after each step go to ``on_events``.
+
+Queue and prefill times: the core API does not report when a request was first scheduled, so the
+queue time is measured up to the start of the step that produced the first token and the prefill
+time is that step's duration (exact for prompts that fit one chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from enginesim.core.api import EngineCoreAPI, FinishReason, KVEvent, SimRequest, StepResult
+from enginesim.server.metrics import EngineMetrics
+
+__all__ = ["Delivery", "EngineDriver"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one step produced for one request, visible at simulated time ``time``."""
+
+    token_ids: tuple[int, ...]
+    finished: FinishReason | None
+    num_cached_tokens: int | None
+    time: float
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Track:
+    arrival: float
+    prompt_len: int
+    queue: asyncio.Queue[Delivery]
+    scheduled: float | None = None
+    first_time: float | None = None
+    last_time: float | None = None
+    num_tokens: int = 0
+
+
+class EngineDriver:
+    """Runs one core in simulated time; ``submit``/``finish`` are called by the HTTP layer.
+
+    >>> drv = EngineDriver(core, speed=10.0, metrics=m); tg.start_soon(drv.run)
+    >>> q = drv.submit(req)  # then: delivery = await q.get()
+    """
+
+    def __init__(
+        self,
+        core: EngineCoreAPI,
+        *,
+        speed: float,
+        metrics: EngineMetrics,
+        slowdown: Callable[[], float] = lambda: 1.0,
+        on_events: Callable[[Sequence[KVEvent]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if speed <= 0:
+            raise ValueError("speed must be > 0")
+        self.core = core
+        self.speed = speed
+        self._metrics = metrics
+        self._slowdown = slowdown
+        self._on_events = on_events
+        self._clock = clock
+        self._start = clock()
+        self._cursor = 0.0
+        self._tracks: dict[str, _Track] = {}
+        self._wake = asyncio.Event()
+        self.dead_reason: str | None = None
+
+    def now(self) -> float:
+        """Current simulated time in seconds since the engine started."""
+        return max(self._cursor, (self._clock() - self._start) * self.speed)
+
+    @property
+    def num_inflight(self) -> int:
+        return len(self._tracks)
+
+    def submit(self, req: SimRequest) -> asyncio.Queue[Delivery]:
+        """Add ``req`` to the core; outputs arrive on the returned queue (max_tokens + 2 slots)."""
+        if self.dead_reason is not None:
+            raise RuntimeError(self.dead_reason)
+        queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=req.max_tokens + 2)
+        self.core.add_request(req)
+        self._tracks[req.request_id] = _Track(req.arrival_time, len(req.prompt_token_ids), queue)
+        self._wake.set()
+        return queue
+
+    def finish(self, request_id: str, reason: FinishReason) -> None:
+        """End a request from the server side (stop string, disconnect): abort it in the core."""
+        track = self._tracks.pop(request_id, None)
+        if track is None:
+            return
+        self.core.abort_request(request_id)
+        self._record_finish(track, reason, self.now())
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The engine loop; runs until cancelled."""
+        while True:
+            if not self.core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = self.now()
+            wall_start = self._clock()
+            try:
+                res = self.core.step(now)
+                events = self.core.take_events()
+            except Exception as exc:  # a core bug must not hang every client forever
+                log.exception("engine core step failed; engine is now dead")
+                self._die(f"engine core failed: {exc!r}", now)
+                return
+            if events and self._on_events is not None:
+                self._on_events(events)
+            duration = max(0.0, res.duration_s) * max(1.0, self._slowdown())
+            delay = duration / self.speed - (self._clock() - wall_start)
+            await asyncio.sleep(max(0.0, delay))
+            self._cursor = now + duration
+            self._deliver(res, start=now, end=now + duration)
+            if self._metrics.adapter_ever_loaded:
+                self._metrics.record_lora(self.core.stats())
+
+    def _deliver(self, res: StepResult, *, start: float, end: float) -> None:
+        m = self._metrics
+        for out in res.outputs:
+            track = self._tracks.get(out.request_id)
+            if track is None:  # aborted while the step ran
+                continue
+            if out.new_token_ids:
+                if track.first_time is None:
+                    track.first_time = end
+                    track.scheduled = max(track.arrival, start)
+                    m.observe_first_token(
+                        ttft=end - track.arrival,
+                        queue_s=max(0.0, start - track.arrival),
+                        prefill_s=end - start,
+                        cached=out.num_cached_tokens or 0,
+                    )
+                elif track.last_time is not None:
+                    m.observe_itl(end - track.last_time)
+                track.last_time = end
+                track.num_tokens += len(out.new_token_ids)
+            delivery = Delivery(out.new_token_ids, out.finished, out.num_cached_tokens, end)
+            if out.finished is not None:
+                self._tracks.pop(out.request_id, None)
+                self._record_finish(track, out.finished, end)
+            self._put(out.request_id, track, delivery)
+
+    def _put(self, request_id: str, track: _Track, delivery: Delivery) -> None:
+        try:
+            track.queue.put_nowait(delivery)
+        except asyncio.QueueFull:  # consumer far behind: never block the engine loop
+            log.warning("dropping request %s: output queue full", request_id)
+            if self._tracks.pop(request_id, None) is not None:
+                self.core.abort_request(request_id)
+
+    def _record_finish(self, track: _Track, reason: FinishReason, end: float) -> None:
+        first = track.first_time if track.first_time is not None else end
+        last = track.last_time if track.last_time is not None else end
+        tpot = (last - first) / (track.num_tokens - 1) if track.num_tokens > 1 else None
+        self._metrics.observe_finished(
+            reason=reason,
+            e2e=end - track.arrival,
+            inference_s=max(0.0, end - (track.scheduled or track.arrival)),
+            decode_s=max(0.0, last - first),
+            tpot=tpot,
+            prompt_tokens=track.prompt_len,
+            generation_tokens=track.num_tokens,
+        )
+
+    def _die(self, reason: str, now: float) -> None:
+        self.dead_reason = reason
+        for rid, track in list(self._tracks.items()):
+            self._tracks.pop(rid, None)
+            try:
+                track.queue.put_nowait(Delivery((), "abort", None, now, error=reason))
+            except asyncio.QueueFull:
+                pass

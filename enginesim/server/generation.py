@@ -1,0 +1,170 @@
+"""Turning one HTTP request into core requests and text: prompts, limits, stop strings, usage.
+
+One ``SimRequest`` per (prompt, choice). ``run_choice`` feeds a request's token deliveries through
+incremental detokenisation and stop-string matching (holding back ``max(len(stop)) - 1``
+characters while streaming, like vLLM) and sends ``ChoicePiece``s to a memory stream. A request
+that leaves ``run_choice`` unfinished (client gone, task cancelled) is aborted in the core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from anyio.abc import ObjectSendStream
+
+from enginesim.core.api import SimRequest
+from enginesim.server.errors import bad_request
+from enginesim.server.runtime import EngineRuntime
+
+__all__ = [
+    "ChoicePiece",
+    "ChoiceResult",
+    "GenParams",
+    "check_context",
+    "run_choice",
+    "usage_json",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class GenParams:
+    """Sampling settings the simulator honours (others are accepted and ignored)."""
+
+    max_tokens: int | None
+    stops: tuple[str, ...] = ()
+    include_stop: bool = False
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    adapter: str | None = None
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoicePiece:
+    """New text for one choice; ``finish_reason`` set on its last piece."""
+
+    index: int
+    text: str
+    num_new_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceResult:
+    index: int
+    text: str
+    num_tokens: int
+    num_cached: int
+    finish_reason: str
+
+
+def check_context(rt: EngineRuntime, prompt_len: int, max_tokens: int | None) -> int:
+    """vLLM 0.32's length validation; returns the effective max_tokens.
+
+    ``max_tokens`` above ``max_model_len`` and a prompt that leaves no room are 400s; otherwise
+    ``max_tokens`` is clamped to the room left (vLLM's ``get_max_tokens``), default = the room.
+    """
+    limit = rt.spec.max_model_len
+    if max_tokens is not None and max_tokens > limit:
+        raise bad_request(
+            f"max_tokens={max_tokens} cannot be greater than max_model_len={limit}. Please "
+            "request fewer output tokens.",
+            param="max_tokens",
+            value=max_tokens,
+        )
+    if prompt_len >= limit:
+        shown = min(prompt_len, limit + 1)  # vLLM tokenises with truncation at limit + 1
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your prompt "
+            f"contains at least {shown} input tokens, which exceeds this limit even without any "
+            "output tokens. Please reduce the length of the input prompt.",
+            param="input_tokens",
+            value=shown,
+        )
+    room = limit - prompt_len
+    return room if max_tokens is None else min(max_tokens, room)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    best: tuple[int, str] | None = None
+    for s in stops:
+        pos = text.find(s, start)
+        if pos >= 0 and (best is None or pos < best[0]):
+            best = (pos, s)
+    return best
+
+
+async def run_choice(
+    rt: EngineRuntime,
+    *,
+    request_id: str,
+    index: int,
+    prompt_ids: list[int],
+    max_tokens: int,
+    params: GenParams,
+    out: ObjectSendStream[ChoicePiece],
+) -> ChoiceResult:
+    """Run one choice to its end, streaming pieces to ``out``."""
+    eos = () if params.ignore_eos else rt.spec.eos_token_ids
+    req = SimRequest(
+        request_id=request_id,
+        prompt_token_ids=tuple(prompt_ids),
+        max_tokens=max_tokens,
+        arrival_time=rt.driver.now(),
+        adapter=params.adapter,
+        ignore_eos=params.ignore_eos,
+        cache_salt=params.cache_salt,
+        stop_token_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
+    )
+    queue = rt.driver.submit(req)
+    holdback = max((len(s) for s in params.stops), default=1) - 1
+    tokens: list[int] = []
+    sent = 0
+    cached = 0
+    finish: str | None = None
+    text = ""
+    try:
+        while finish is None:
+            d = await queue.get()
+            if d.error is not None:
+                raise RuntimeError(d.error)
+            if d.num_cached_tokens is not None:
+                cached = d.num_cached_tokens
+            tokens.extend(d.token_ids)
+            text = rt.codec.decode(tokens)
+            reason: str | None = d.finished
+            hit = _find_stop(text, params.stops, max(0, sent - holdback)) if params.stops else None
+            if hit is not None:
+                pos, stop = hit
+                text = text[: pos + len(stop)] if params.include_stop else text[:pos]
+                if reason is None:
+                    rt.driver.finish(request_id, "stop")
+                reason = "stop"
+            upto = len(text)
+            if reason is None:
+                upto -= holdback
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                    upto = min(upto, len(text) - 1)
+            delta = text[sent:upto] if upto > sent else ""
+            sent = max(sent, upto)
+            finish = reason
+            await out.send(ChoicePiece(index, delta, len(d.token_ids), reason))
+    finally:
+        if finish is None:
+            rt.driver.finish(request_id, "abort")
+    return ChoiceResult(index, text, len(tokens), cached, finish)
+
+
+def usage_json(prompt_tokens: int, results: list[ChoiceResult], *, details: bool) -> dict[str, Any]:
+    """vLLM's ``UsageInfo``; the details fields exist (null) only in non-streaming bodies."""
+    completion = sum(r.num_tokens for r in results)
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion,
+        "completion_tokens": completion,
+    }
+    if details:
+        out["prompt_tokens_details"] = None
+        out["completion_tokens_details"] = None
+    return out

@@ -1,0 +1,242 @@
+"""vLLM-named Prometheus metrics for one simulated engine, on its own ``CollectorRegistry``.
+
+Names, types, labels and histogram buckets follow ``vllm/v1/metrics/loggers.py``
+(vllm-contract.md §5, tests/contract/recorded.py). Every series carries ``model_name`` and
+``engine="0"`` except ``vllm:lora_requests_info``, which (like vLLM 0.32) has only its three
+adapter labels. Gauges and the scheduler counters are read from ``core.stats()`` at scrape
+time by a custom collector; request histograms are observed by the driver in *simulated*
+seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from enginesim.core.api import EngineStats
+
+__all__ = ["FINISHED_REASONS", "EngineMetrics", "token_buckets"]
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+               7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+
+
+FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
+MAX_LORA_SERIES = 256
+
+
+def token_buckets(max_value: int) -> tuple[float, ...]:
+    """vLLM's ``build_1_2_5_buckets``: 1, 2, 5, 10, 20, 50, ... up to ``max_value``."""
+    out: list[float] = []
+    exponent = 0
+    while True:
+        for m in (1, 2, 5):
+            value = m * 10**exponent
+            if value > max_value:
+                return tuple(out)
+            out.append(float(value))
+        exponent += 1
+
+
+class _StatsCollector(Collector):
+    """Scrape-time gauges/counters from the core plus the two info gauges."""
+
+    def __init__(self, owner: EngineMetrics) -> None:
+        self._o = owner
+
+    def collect(self) -> Iterator[Metric]:
+        o = self._o
+        st = o.stats_fn()
+        names = ["model_name", "engine"]
+        base = [o.model_name, "0"]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(base, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(base, value)
+            return c
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    st.num_running)  # fmt: skip
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                    st.num_waiting)  # fmt: skip
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                    st.kv_cache_usage)  # fmt: skip
+        yield counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of tokens.",
+                      st.prefix_cache_queries)  # fmt: skip
+        yield counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.",
+                      st.prefix_cache_hits)  # fmt: skip
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                      st.num_preemptions)  # fmt: skip
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", st.prompt_tokens)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                      st.generation_tokens)  # fmt: skip
+        yield counter(
+            "vllm:external_prefix_cache_queries",
+            "External prefix cache queries from KV connector cross-instance cache sharing, "
+            "in terms of number of queried tokens.",
+            0.0,
+        )
+        yield counter(
+            "vllm:external_prefix_cache_hits",
+            "External prefix cache hits from KV connector cross-instance cache sharing, "
+            "in terms of number of cached tokens.",
+            0.0,
+        )
+        yield self._cache_config(st)
+
+    def _cache_config(self, st: EngineStats) -> GaugeMetricFamily:
+        labels = {
+            "block_size": str(st.block_size),
+            "cache_dtype": "auto",
+            "calculate_kv_scales": "False",
+            "enable_prefix_caching": "True",
+            "gpu_memory_utilization": str(self._o.gpu_memory_utilization),
+            "num_cpu_blocks": "None",
+            "num_gpu_blocks": str(st.num_blocks),
+            "prefix_caching_hash_algo": "xxhash",
+            "engine": "0",
+            "model_name": self._o.model_name,
+        }
+        g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                              labels=list(labels))  # fmt: skip
+        g.add_metric(list(labels.values()), 1.0)
+        return g
+
+
+class EngineMetrics:
+    """All metrics of one engine; ``render()`` gives the ``/metrics`` body.
+
+    >>> m = EngineMetrics(model_name="smollm2", max_model_len=2048, stats_fn=core.stats)
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        max_model_len: int,
+        stats_fn: Callable[[], EngineStats],
+        gpu_memory_utilization: float = 0.92,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.model_name = model_name
+        self.stats_fn = stats_fn
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.wall_clock = wall_clock
+        self.adapter_ever_loaded = False
+        self.registry = CollectorRegistry(auto_describe=False)
+        reg = self.registry
+        ln = ["model_name", "engine"]
+
+        def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            h = Histogram(name, doc, labelnames=ln, buckets=buckets, registry=reg)
+            return h
+
+        self.cached_tokens = Counter(
+            "vllm:prompt_tokens_cached",
+            "Number of cached prompt tokens (local + external).",
+            labelnames=ln,
+            registry=reg,
+        )
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                               labelnames=[*ln, "finished_reason"], registry=reg)  # fmt: skip
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in "
+                         "seconds.", TTFT_BUCKETS)  # fmt: skip
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in "
+                        "seconds.", ITL_BUCKETS)  # fmt: skip
+        self.tpot = hist("vllm:request_time_per_output_token_seconds", "Histogram of "
+                         "time_per_output_token_seconds per request.", ITL_BUCKETS)  # fmt: skip
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
+                        "seconds.", LATENCY_BUCKETS)  # fmt: skip
+        self.queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING "
+                          "phase for request.", LATENCY_BUCKETS)  # fmt: skip
+        self.inference = hist("vllm:request_inference_time_seconds", "Histogram of time spent in "
+                              "RUNNING phase for request.", LATENCY_BUCKETS)  # fmt: skip
+        self.prefill = hist("vllm:request_prefill_time_seconds", "Histogram of time spent in "
+                            "PREFILL phase for request.", LATENCY_BUCKETS)  # fmt: skip
+        self.decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE "
+                           "phase for request.", LATENCY_BUCKETS)  # fmt: skip
+        tok = token_buckets(max_model_len)
+        self.prompt_len = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                               tok)  # fmt: skip
+        self.gen_len = hist("vllm:request_generation_tokens", "Number of generation tokens "
+                            "processed.", tok)  # fmt: skip
+        for reason in FINISHED_REASONS:
+            self.success.labels(model_name, "0", reason)
+        # vLLM keeps one series per (running, waiting) label set ever seen, valued with the
+        # wall-clock time of its last update; it appears once an adapter has been loaded.
+        self._lora: Gauge | None = None
+        self._lora_keys: set[tuple[str, str, str]] = set()
+        reg.register(_StatsCollector(self))
+
+    def mark_adapter_loaded(self, st: EngineStats) -> None:
+        """The first adapter load registers ``vllm:lora_requests_info`` (absent until then)."""
+        if self._lora is None:
+            self._lora = Gauge(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                labelnames=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                registry=self.registry,
+            )
+        self.adapter_ever_loaded = True
+        self.record_lora(st)
+
+    def record_lora(self, st: EngineStats) -> None:
+        """Called after each step once an adapter was ever loaded (bounded series count)."""
+        if self._lora is None:
+            return
+        running, waiting = ",".join(st.running_adapters), ",".join(st.waiting_adapters)
+        key = (str(st.max_loras), running, waiting)
+        if key not in self._lora_keys:
+            if len(self._lora_keys) >= MAX_LORA_SERIES:
+                return
+            self._lora_keys.add(key)
+        self._lora.labels(*key).set(self.wall_clock())
+
+    def observe_first_token(
+        self, *, ttft: float, queue_s: float, prefill_s: float, cached: int
+    ) -> None:
+        labels = (self.model_name, "0")
+        self.ttft.labels(*labels).observe(ttft)
+        self.queue.labels(*labels).observe(queue_s)
+        self.prefill.labels(*labels).observe(prefill_s)
+        self.cached_tokens.labels(*labels).inc(cached)
+
+    def observe_itl(self, gap: float) -> None:
+        self.itl.labels(self.model_name, "0").observe(gap)
+
+    def observe_finished(
+        self,
+        *,
+        reason: str,
+        e2e: float,
+        inference_s: float,
+        decode_s: float,
+        tpot: float | None,
+        prompt_tokens: int,
+        generation_tokens: int,
+    ) -> None:
+        labels = (self.model_name, "0")
+        self.success.labels(*labels, reason).inc()
+        self.e2e.labels(*labels).observe(e2e)
+        self.inference.labels(*labels).observe(inference_s)
+        self.decode.labels(*labels).observe(decode_s)
+        if tpot is not None:
+            self.tpot.labels(*labels).observe(tpot)
+        self.prompt_len.labels(*labels).observe(prompt_tokens)
+        self.gen_len.labels(*labels).observe(generation_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

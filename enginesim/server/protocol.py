@@ -1,0 +1,131 @@
+"""Wire models (pydantic, edges only) for the simulated engine's vLLM-compatible API.
+
+Unknown fields are ignored like vLLM does (it warns and still returns 200); wrong types fail
+validation and become 400 ``BadRequestError`` (see ``errors.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DetokenizeRequest",
+    "FaultsUpdate",
+    "LoadLoraRequest",
+    "StreamOptions",
+    "TokenizeRequest",
+    "UnloadLoraRequest",
+]
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+
+
+class ChatMessage(_Lenient):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text, with content parts of type ``text`` concatenated."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class _Sampling(_Lenient):
+    model: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    user: str | None = None
+    cache_salt: str | None = None
+    request_id: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return [s for s in stops if s]
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    add_generation_prompt: bool = True
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    echo: bool | None = False
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else 16
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
+class TokenizeRequest(_Lenient):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class LoadLoraRequest(_Lenient):
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraRequest(_Lenient):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
+class FaultsUpdate(BaseModel):
+    """Partial update of the fault settings; omitted fields keep their value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    error_status: list[int] | None = None
+    hang: bool | None = None
+    slowdown: float | None = Field(default=None, ge=1.0, le=1000.0)
+    crash_mid_stream_after_tokens: int | None = Field(default=None, ge=0)
+    refuse_connections: bool | None = None
+    refuse_for_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+    dead: bool | None = None
+    clear: bool = False

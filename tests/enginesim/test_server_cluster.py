@@ -1,0 +1,116 @@
+"""Running several engines in one process: distinct ports, independent state, clean stop,
+and the ``python -m enginesim`` entry point under SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from enginesim.cluster import ClusterConfig, serve_cluster
+from tests.enginesim.server_harness import (
+    metric_families,
+    running_cluster,
+    sample_value,
+)
+
+MODEL = "smollm2"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_four_engines_have_their_own_ports_and_state() -> None:
+    cfg = ClusterConfig(engines=4, base_port=0, speed=50.0, model=MODEL)
+    with running_cluster(cfg) as engines:
+        urls = [e.url for e in engines]
+        assert len(set(urls)) == 4
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "ignore_eos": True}
+        assert httpx.post(urls[2] + "/v1/completions", json=body).status_code == 200
+        counts = []
+        for url in urls:
+            with httpx.Client(base_url=url) as client:
+                fams = metric_families(client)
+            counts.append(sample_value(fams, "vllm:generation_tokens_total"))
+        assert counts == [0, 0, 3, 0]
+    for url in urls:  # stopped: nothing listens any more
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health", timeout=2.0)
+
+
+@pytest.mark.anyio
+async def test_serve_cluster_is_cancellable_inside_a_task_group() -> None:
+    ready: list[str] = []
+    cfg = ClusterConfig(engines=2, base_port=0, speed=50.0, model=MODEL)
+    async with anyio.create_task_group() as tg:
+        started = anyio.Event()
+
+        def on_ready(urls: list[str]) -> None:
+            ready.extend(urls)
+            started.set()
+
+        tg.start_soon(lambda: serve_cluster(cfg, on_ready=on_ready))
+        with anyio.fail_after(30):
+            await started.wait()
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            # A stream in flight must not block shutdown.
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "ignore_eos": True,
+                    "stream": True}  # fmt: skip
+            async with client.stream("POST", ready[0] + "/v1/completions", json=body) as resp:
+                async for _line in resp.aiter_lines():
+                    break
+                tg.cancel_scope.cancel()
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(ready[0] + "/health")
+
+
+def _two_free_ports() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two consecutive free ports")
+
+
+def test_python_m_enginesim_serves_and_exits_cleanly_on_sigterm() -> None:
+    port = _two_free_ports()
+    argv = [sys.executable, "-m", "enginesim", "--engines", "2", "--base-port", str(port),
+            "--model", MODEL, "--speed", "20"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60.0
+        healthy = False
+        while time.monotonic() < deadline and proc.poll() is None and not healthy:
+            try:
+                healthy = all(
+                    httpx.get(f"http://127.0.0.1:{p}/health", timeout=1.0).status_code == 200
+                    for p in (port, port + 1)
+                )
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert proc.stderr is not None
+        assert healthy, proc.stderr.read().decode() if proc.poll() is not None else "no health"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -1,0 +1,181 @@
+"""/metrics (vLLM names, types, labels, buckets), prefix-cache counters and LoRA endpoints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from enginesim.cluster import ClusterConfig, RunningEngine
+from tests.enginesim.server_harness import (
+    metric_families,
+    running_cluster,
+    sample_value,
+)
+
+MODEL = "smollm2"
+STD = {"model_name", "engine"}
+
+EXPECTED: dict[str, tuple[str, set[str]]] = {
+    "vllm:num_requests_running": ("gauge", STD),
+    "vllm:num_requests_waiting": ("gauge", STD),
+    "vllm:kv_cache_usage_perc": ("gauge", STD),
+    "vllm:prefix_cache_queries": ("counter", STD),
+    "vllm:prefix_cache_hits": ("counter", STD),
+    "vllm:prompt_tokens_cached": ("counter", STD),
+    "vllm:external_prefix_cache_queries": ("counter", STD),
+    "vllm:external_prefix_cache_hits": ("counter", STD),
+    "vllm:num_preemptions": ("counter", STD),
+    "vllm:prompt_tokens": ("counter", STD),
+    "vllm:generation_tokens": ("counter", STD),
+    "vllm:request_success": ("counter", STD | {"finished_reason"}),
+    "vllm:time_to_first_token_seconds": ("histogram", STD),
+    "vllm:inter_token_latency_seconds": ("histogram", STD),
+    "vllm:request_time_per_output_token_seconds": ("histogram", STD),
+    "vllm:e2e_request_latency_seconds": ("histogram", STD),
+    "vllm:request_queue_time_seconds": ("histogram", STD),
+    "vllm:request_prefill_time_seconds": ("histogram", STD),
+    "vllm:request_decode_time_seconds": ("histogram", STD),
+    "vllm:request_inference_time_seconds": ("histogram", STD),
+    "vllm:request_prompt_tokens": ("histogram", STD),
+    "vllm:request_generation_tokens": ("histogram", STD),
+}
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[RunningEngine]:
+    cfg = ClusterConfig(engines=1, base_port=0, speed=50.0, model=MODEL)
+    with running_cluster(cfg) as engines:
+        yield engines[0]
+
+
+@pytest.fixture
+def http(engine: RunningEngine) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=engine.url, timeout=30.0) as client:
+        yield client
+
+
+def _complete(http: httpx.Client, **body: object) -> dict[str, object]:
+    resp = http.post("/v1/completions", json={"model": MODEL, **body})
+    assert resp.status_code == 200, resp.text
+    out: dict[str, object] = resp.json()
+    return out
+
+
+def test_metric_names_types_and_labels(http: httpx.Client) -> None:
+    _complete(http, prompt="hi", max_tokens=3, ignore_eos=True)
+    resp = http.get("/metrics")
+    assert resp.headers["content-type"].startswith("text/plain")
+    fams = metric_families(http)
+    for name, (mtype, labels) in EXPECTED.items():
+        assert name in fams, name
+        assert fams[name].type == mtype, name
+        assert fams[name].samples, name
+        for s in fams[name].samples:
+            assert set(s.labels) - {"le"} == labels, (name, s.labels)
+            assert s.labels["model_name"] == MODEL and s.labels["engine"] == "0"
+    reasons = {s.labels["finished_reason"] for s in fams["vllm:request_success"].samples}
+    assert reasons == {"stop", "length", "abort", "error", "repetition"}
+    les = [float(s.labels["le"]) for s in fams["vllm:time_to_first_token_seconds"].samples
+           if s.name.endswith("_bucket")]  # fmt: skip
+    assert tuple(les) == (*TTFT_BUCKETS, float("inf"))
+    les = [float(s.labels["le"]) for s in fams["vllm:request_prompt_tokens"].samples
+           if s.name.endswith("_bucket")]  # fmt: skip
+    assert tuple(les) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, float("inf"))
+    [info] = fams["vllm:cache_config_info"].samples
+    assert info.value == 1.0
+    assert (info.labels["block_size"], info.labels["enable_prefix_caching"]) == ("128", "True")
+    assert int(info.labels["num_gpu_blocks"]) > 0
+    assert "vllm:lora_requests_info" not in fams  # only after an adapter was loaded
+
+
+def test_request_counters_and_histograms_move(http: httpx.Client) -> None:
+    before = metric_families(http)
+    _complete(http, prompt=list(range(100, 150)), max_tokens=5, ignore_eos=True)
+    after = metric_families(http)
+
+    def delta(sample: str, **labels: str) -> float:
+        return sample_value(after, sample, **labels) - sample_value(before, sample, **labels)
+
+    assert delta("vllm:request_success_total", finished_reason="length") == 1
+    assert delta("vllm:generation_tokens_total") == 5
+    assert delta("vllm:prompt_tokens_total") == 50
+    assert delta("vllm:time_to_first_token_seconds_count") == 1
+    assert delta("vllm:inter_token_latency_seconds_count") == 4
+    assert delta("vllm:request_generation_tokens_sum") == 5
+    assert delta("vllm:request_prompt_tokens_sum") == 50
+    assert delta("vllm:e2e_request_latency_seconds_sum") >= delta(
+        "vllm:time_to_first_token_seconds_sum"
+    )
+
+
+def test_prefix_counters_on_repeated_long_prompt(http: httpx.Client) -> None:
+    prompt = list(range(1000, 1300))  # 300 tokens: two full 128-token blocks
+    names = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+             "vllm:prompt_tokens_cached_total")  # fmt: skip
+    deltas = []
+    for _ in range(2):
+        before = metric_families(http)
+        out = _complete(http, prompt=prompt, max_tokens=1)
+        after = metric_families(http)
+        deltas.append(tuple(sample_value(after, n) - sample_value(before, n) for n in names))
+        assert out["usage"]["prompt_tokens"] == 300  # type: ignore[index]
+    assert deltas[0] == (300, 0, 0)
+    assert deltas[1] == (300, 256, 256)
+
+
+def test_lora_lifecycle_models_metrics_and_statuses(http: httpx.Client, tmp_path: Path) -> None:
+    adapter = tmp_path / "lora-banana"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+    load = {"lora_name": "banana", "lora_path": str(adapter)}
+
+    bad = http.post("/v1/load_lora_adapter", json={"lora_name": "banana", "lora_path": "/nope"})
+    assert bad.status_code == 404
+    assert bad.json()["error"] == {
+        "message": "Loading lora banana failed: No adapter found for /nope",
+        "type": "NotFoundError", "param": None, "code": 404,
+    }  # fmt: skip
+    ok = http.post("/v1/load_lora_adapter", json=load)
+    assert (ok.status_code, ok.text) == (200, "Success: LoRA adapter 'banana' added successfully.")
+    dup = http.post("/v1/load_lora_adapter", json=load)
+    assert dup.status_code == 400
+    assert dup.json()["error"]["type"] == "InvalidUserInput"
+    assert dup.json()["error"]["message"].startswith("The lora adapter 'banana' has already")
+
+    cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+    assert (cards["banana"]["parent"], cards["banana"]["root"]) == (MODEL, str(adapter))
+    assert cards["banana"]["max_model_len"] is None and cards[MODEL]["parent"] is None
+
+    sdk = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="x",
+                        max_retries=0)  # fmt: skip
+    with sdk:
+        out = sdk.completions.create(model="banana", prompt="hi", max_tokens=3,
+                                     extra_body={"ignore_eos": True})  # fmt: skip
+        assert out.model == "banana" and out.usage is not None
+        assert out.usage.completion_tokens == 3
+        fams = metric_families(http)
+        lora = fams["vllm:lora_requests_info"]
+        assert lora.type == "gauge"
+        assert all(set(s.labels) == {"max_lora", "running_lora_adapters",
+                                     "waiting_lora_adapters"} for s in lora.samples)  # fmt: skip
+        seen = {a for s in lora.samples for k in ("running_lora_adapters", "waiting_lora_adapters")
+                for a in s.labels[k].split(",")}  # fmt: skip
+        assert "banana" in seen
+        assert all(s.value > time.time() - 3600 for s in lora.samples)  # wall-clock stamps
+
+        unload = http.post("/v1/unload_lora_adapter", json={"lora_name": "banana"})
+        assert unload.status_code == 200
+        assert unload.text == "Success: LoRA adapter 'banana' removed successfully."
+        assert "banana" not in {c["id"] for c in http.get("/v1/models").json()["data"]}
+        again = http.post("/v1/unload_lora_adapter", json={"lora_name": "banana"})
+        assert again.status_code == 404
+        assert again.json()["error"]["message"] == "The lora adapter 'banana' cannot be found."
+        with pytest.raises(openai.NotFoundError):
+            sdk.completions.create(model="banana", prompt="hi", max_tokens=1)
