@@ -31,6 +31,8 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # httpx logs every request at INFO: that is one line per health probe and per proxied call.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def build_server(settings: Settings, *, config_path: Path | None = None) -> EmbeddedServer:

@@ -27,7 +27,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy, RequestObserver
 from gateway.settings import EngineConfig, ProxySettings, Settings
 from gateway.tasks import supervise
-from routing import Policy, build_policies, builtin_policies
+from routing import Policy, build_policies, build_profile, builtin_policies
 
 
 def make_client(settings: ProxySettings) -> httpx.AsyncClient:
@@ -93,7 +93,7 @@ class Services:
             settings=settings,
             client=client,
             endpoints=endpoints,
-            policies=build_policies(builtin_policies()),
+            policies=make_policies(settings),
             metrics=metrics,
             health=health,
             proxy=proxy,
@@ -115,6 +115,14 @@ class Services:
                     yield services
                 finally:
                     tg.cancel_scope.cancel()
+
+
+def make_policies(settings: Settings) -> dict[str, Policy]:
+    """Every built-in policy plus the profiles from the config (a profile may shadow one)."""
+    policies = build_policies(builtin_policies())
+    for name, spec in settings.routing.profiles.items():
+        policies[name] = build_profile(name, spec)
+    return policies
 
 
 def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> None:

@@ -14,9 +14,9 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -24,7 +24,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-PolicyName = Literal["random", "round-robin", "least-request"]
+from routing import build_profile, builtin_policies
 
 
 class _Section(BaseModel):
@@ -69,8 +69,22 @@ class ProxySettings(_Section):
 
 
 class RoutingSettings(_Section):
-    policy: PolicyName = "least-request"
+    """``policy``: a built-in policy name or one of ``profiles`` (built by
+    :func:`routing.build_profile`); clients may pick another per request with the
+    ``x-switchyard-routing`` header. ``debug_header`` adds ``x-switchyard-route``."""
+
+    policy: str = "least-request"
     debug_header: bool = False
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_policy(self) -> RoutingSettings:
+        known = set(builtin_policies()) | set(self.profiles)
+        if self.policy not in known:
+            raise ValueError(f"unknown routing policy {self.policy!r}; known: {sorted(known)}")
+        for name, spec in self.profiles.items():
+            build_profile(name, spec)  # fail at startup, naming the bad entry
+        return self
 
 
 class HealthSettings(_Section):

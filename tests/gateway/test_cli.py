@@ -1,0 +1,81 @@
+"""``switchyard serve`` as a user runs it: a subprocess, a config file, reload, Ctrl-C."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.gateway.conftest import StartEngines
+from tests.gateway.servers import wait_until
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
+
+
+def _read_url(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    for _ in range(50):  # bounded: the banner is the first line
+        line = proc.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        if match:
+            return match.group(0)
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("no gateway URL printed")
+
+
+def test_serve_with_config_reload_and_ctrl_c(start_engines: StartEngines, tmp_path: Path) -> None:
+    (e0, s0), (e1, s1) = start_engines(2)
+    config = tmp_path / "switchyard.yaml"
+    config.write_text(f"engines:\n  - url: {s0.url}\nserver:\n  access_log: false\n")
+    proc = subprocess.Popen(
+        [SWITCHYARD, "serve", "--config", str(config), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = _read_url(proc)
+        with httpx.Client(timeout=10) as client:
+            assert client.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200
+            assert e0.requests == 1
+            config.write_text(f"engines:\n  - url: {s1.url}\n")
+            reloaded = client.post(f"{url}/admin/reload").json()
+            assert reloaded == {
+                "added": [s1.url.removeprefix("http://")],
+                "removed": [s0.url.removeprefix("http://")],
+            }
+            assert client.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200
+            assert e1.requests == 1 and e0.requests == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert proc.stdout is not None
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("routing:\n  policy: astrology\n")
+    result = subprocess.run(
+        [SWITCHYARD, "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "astrology" in result.stderr
+
+
+def test_wait_until_is_bounded() -> None:
+    assert wait_until(lambda: False, timeout=0.05) is False
