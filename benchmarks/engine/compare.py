@@ -86,7 +86,12 @@ def _engine(kind: str, home: Path) -> Iterator[RunningEngine]:
         with start_vllm(RealEngineLayout.from_home(home)) as engine:
             yield engine
     else:
-        with start_enginesim(python=Path(sys.executable), profile="cpu-smollm2") as engine:
+        tokenizer = RealEngineLayout.from_home(home).tokenizer
+        with start_enginesim(
+            python=Path(sys.executable),
+            profile="cpu-smollm2",
+            tokenizer=tokenizer if tokenizer.exists() else None,
+        ) as engine:
             yield engine
 
 

@@ -78,6 +78,10 @@ class RealEngineLayout:
         needed = (self.python, self.model_dir / "config.json", self.lora_dir)
         return [p for p in needed if not p.exists()]
 
+    @property
+    def tokenizer(self) -> Path:
+        return self.model_dir / "tokenizer.json"
+
 
 @dataclass(frozen=True, slots=True)
 class RunningEngine:
@@ -229,9 +233,14 @@ def start_enginesim(
     *,
     profile: str = "cpu-smollm2",
     python: Path | None = None,
+    tokenizer: Path | None = None,
     extra_args: Sequence[str] = (),
 ) -> Iterator[RunningEngine]:
-    """Start ``python -m enginesim`` (one engine) from the repository venv."""
+    """Start ``python -m enginesim`` (one engine) from the repository venv.
+
+    ``tokenizer``: the real model's ``tokenizer.json`` so token counts match vLLM exactly
+    (without it enginesim uses its file-free hash tokenizer).
+    """
     interpreter = python or Path(sys.executable)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="switchyard-enginesim-") as tmp:
@@ -247,6 +256,7 @@ def start_enginesim(
             profile,
             "--model",
             SERVED_MODEL,
+            *(("--tokenizer", str(tokenizer)) if tokenizer else ()),
             *extra_args,
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

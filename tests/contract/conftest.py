@@ -103,7 +103,9 @@ def engine(
             lora = lora or _stub_lora(tmp_path_factory.mktemp("lora") / "lora-random")
             venv_python = REPO_ROOT / ".venv" / "bin" / "python"
             python = venv_python if venv_python.exists() else Path(sys.executable)
-            with start_enginesim(python=python) as running:
+            # The real tokenizer when installed, so token counts are comparable with vLLM's.
+            tokenizer = layout.tokenizer if layout.tokenizer.exists() else None
+            with start_enginesim(python=python, tokenizer=tokenizer) as running:
                 yield _contract(running, lora)
     except EngineStartError as exc:
         failure = f"{kind} engine did not start: {exc}"
