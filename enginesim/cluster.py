@@ -22,6 +22,7 @@ from functools import partial
 
 import anyio
 import uvicorn
+import zmq
 from anyio.abc import TaskGroup
 
 from enginesim.core.api import KVEvent
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 8192  # per engine; uvicorn answers 503 beyond it
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +208,7 @@ def _build(
         ws="none",
         timeout_graceful_shutdown=1,
         timeout_keep_alive=30,
+        limit_concurrency=MAX_CONNECTIONS,
     )
     server = _EngineServer(config)
     listener = _Listener(server, rt, tg)
@@ -228,7 +231,10 @@ def _url_host(host: str) -> str:
 
 
 async def _wait_started(
-    cfg: ClusterConfig, engines: list[_Engine], tasks: list[asyncio.Task[None]]
+    cfg: ClusterConfig,
+    engines: list[_Engine],
+    tasks: list[asyncio.Task[None]],
+    zmq_ctx: zmq.Context[zmq.Socket[bytes]],
 ) -> list[RunningEngine]:
     with anyio.fail_after(START_TIMEOUT_S):
         while not all(e.server.started for e in engines):
@@ -247,7 +253,7 @@ async def _wait_started(
         if e.kv_port is not None:
             kv_target = f"tcp://{host}:{e.kv_port}" if e.kv_port else f"tcp://{host}:*"
             topic = f"kv@{host}:{port}@{e.runtime.spec.served_model_name}"
-            pub = KVEventPublisher(kv_target, topic=topic)
+            pub = KVEventPublisher(zmq_ctx, kv_target, topic=topic)
             e.runtime.kv_publisher = pub
             e.sink.publisher = pub
             endpoint = pub.endpoint
@@ -293,8 +299,9 @@ async def serve_cluster(
         for e in engines:
             tg.start_soon(e.runtime.driver.run)
         tasks = [asyncio.create_task(_serve(e.server)) for e in engines]
+        zmq_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
-            running = await _wait_started(cfg, engines, tasks)
+            running = await _wait_started(cfg, engines, tasks, zmq_ctx)
             log.info("enginesim: %d engine(s) ready: %s", len(running), [r.url for r in running])
             if on_engines is not None:
                 on_engines(running)
@@ -307,4 +314,5 @@ async def serve_cluster(
         finally:
             with anyio.CancelScope(shield=True):
                 await _stop(engines, tasks)
+            zmq_ctx.term()
             tg.cancel_scope.cancel()

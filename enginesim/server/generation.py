@@ -15,12 +15,13 @@ from anyio.abc import ObjectSendStream
 
 from enginesim.core.api import SimRequest
 from enginesim.server.errors import bad_request
-from enginesim.server.runtime import EngineRuntime
+from enginesim.server.runtime import EngineRuntime, TextCodec
 
 __all__ = [
     "ChoicePiece",
     "ChoiceResult",
     "GenParams",
+    "IncrementalDetokenizer",
     "check_context",
     "run_choice",
     "usage_json",
@@ -86,6 +87,32 @@ def check_context(rt: EngineRuntime, prompt_len: int, max_tokens: int | None) ->
     return room if max_tokens is None else min(max_tokens, room)
 
 
+class IncrementalDetokenizer:
+    """vLLM's ``detokenize_incrementally``: decode only a small window of recent ids.
+
+    Each call decodes ``ids[prefix:]`` and ``ids[prefix:read]`` and returns the difference, so
+    the cost per token is O(1) instead of re-decoding the whole output; text ending in an
+    incomplete UTF-8 sequence is held back until the next id completes it.
+    """
+
+    __slots__ = ("_codec", "_ids", "_prefix", "_read")
+
+    def __init__(self, codec: TextCodec) -> None:
+        self._codec = codec
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, new_ids: tuple[int, ...]) -> str:
+        self._ids.extend(new_ids)
+        prefix_text = self._codec.decode(self._ids[self._prefix : self._read])
+        new_text = self._codec.decode(self._ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
     best: tuple[int, str] | None = None
     for s in stops:
@@ -119,7 +146,8 @@ async def run_choice(
     )
     queue = rt.driver.submit(req)
     holdback = max((len(s) for s in params.stops), default=1) - 1
-    tokens: list[int] = []
+    detok = IncrementalDetokenizer(rt.codec)
+    num_tokens = 0
     sent = 0
     cached = 0
     finish: str | None = None
@@ -131,8 +159,8 @@ async def run_choice(
                 raise RuntimeError(d.error)
             if d.num_cached_tokens is not None:
                 cached = d.num_cached_tokens
-            tokens.extend(d.token_ids)
-            text = rt.codec.decode(tokens)
+            num_tokens += len(d.token_ids)
+            text += detok.add(d.token_ids)
             reason: str | None = d.finished
             hit = _find_stop(text, params.stops, max(0, sent - holdback)) if params.stops else None
             if hit is not None:
@@ -144,8 +172,6 @@ async def run_choice(
             upto = len(text)
             if reason is None:
                 upto -= holdback
-                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-                    upto = min(upto, len(text) - 1)
             delta = text[sent:upto] if upto > sent else ""
             sent = max(sent, upto)
             finish = reason
@@ -153,7 +179,7 @@ async def run_choice(
     finally:
         if finish is None:
             rt.driver.finish(request_id, "abort")
-    return ChoiceResult(index, text, len(tokens), cached, finish)
+    return ChoiceResult(index, text, num_tokens, cached, finish)
 
 
 def usage_json(prompt_tokens: int, results: list[ChoiceResult], *, details: bool) -> dict[str, Any]:

@@ -57,20 +57,20 @@ def encode_batch(events: Sequence[KVEvent], *, ts: float, dp_rank: int = 0) -> b
 class KVEventPublisher:
     """ZMQ PUB socket of one engine.
 
-    >>> pub = KVEventPublisher("tcp://127.0.0.1:5557", topic="kv@127.0.0.1:8100@smollm2")
+    >>> pub = KVEventPublisher(ctx, "tcp://127.0.0.1:5557", topic="kv@127.0.0.1:8100@smollm2")
     >>> pub.publish(core.take_events()); pub.close()
     """
 
     def __init__(
         self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
         endpoint: str,
         *,
         topic: str,
         hwm: int = 100_000,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock = ctx.socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(endpoint)

@@ -10,6 +10,7 @@ import msgpack
 import zmq
 
 from enginesim.cluster import ClusterConfig
+from kvcache.events import BlockStored, decode_kv_event_message
 from tests.enginesim.server_harness import running_cluster
 
 MODEL = "smollm2"
@@ -70,3 +71,7 @@ def test_block_stored_events_reach_a_sub_socket() -> None:
     assert all(isinstance(h, int) for h in hashes)
     assert len(token_ids) == 128 * len(hashes)
     assert token_ids == prompt[: len(token_ids)]
+    # The gateway's own decoder reads the same messages.
+    decoded = [decode_kv_event_message(m) for m in msgs]
+    first = next(e for b in decoded for e in b.events if isinstance(e, BlockStored))
+    assert list(first.token_ids) == token_ids and first.block_size == 128
