@@ -15,6 +15,24 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Switchyard LLM gateway")
 
 
+def _run(func: Any) -> None:
+    """Run an async entry point; a startup failure becomes one clear line and exit code 1."""
+    try:
+        anyio.run(func, backend="asyncio")
+    except KeyboardInterrupt:
+        pass
+    except (OSError, RuntimeError, ExceptionGroup) as exc:
+        for err in _leaves(exc):
+            typer.echo(f"switchyard: {err}", err=True)
+        raise typer.Exit(1) from exc
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
 def _load(config: Path | None, **server: Any) -> Any:
     from gateway.settings import Settings
 
@@ -51,10 +69,7 @@ def up(
         engine_base_port=engine_base_port,
         model=model,
     )
-    try:
-        anyio.run(run, backend="asyncio")
-    except KeyboardInterrupt:
-        pass
+    _run(run)
 
 
 @app.command()
@@ -77,10 +92,7 @@ def serve(
             f"with {len(settings.engines)} engine(s) from {config}"
         )
 
-    try:
-        anyio.run(partial(serve_gateway, server, on_started=started), backend="asyncio")
-    except KeyboardInterrupt:
-        pass
+    _run(partial(serve_gateway, server, on_started=started))
 
 
 @app.command()

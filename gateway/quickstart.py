@@ -25,12 +25,14 @@ client = OpenAI(base_url="{base_url}/v1", api_key="unused")
 reply = client.chat.completions.create(
     model="{model}",
     messages=[{{"role": "user", "content": "Say hello to Switchyard!"}}],
+    max_tokens=32,
 )
 print(reply.choices[0].message.content)
 
 for chunk in client.chat.completions.create(
     model="{model}",
     messages=[{{"role": "user", "content": "Count to five."}}],
+    max_tokens=32,
     stream=True,
 ):
     if chunk.choices:

@@ -70,7 +70,8 @@ async def serve_gateway(
             try:
                 await server.serve()
             except SystemExit as exc:  # uvicorn exits when it cannot bind
-                raise RuntimeError(f"cannot start the gateway: {exc}") from exc
+                where = f"{server.config.host}:{server.config.port}"
+                raise RuntimeError(f"cannot listen on {where} (port in use?)") from exc
             finally:
                 done.set()
                 tg.cancel_scope.cancel()
