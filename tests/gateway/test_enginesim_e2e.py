@@ -1,0 +1,273 @@
+"""End to end: the official ``openai`` SDK -> the gateway -> simulated vLLM engines.
+
+Each engine is its own ``python -m enginesim`` process (so a test can kill one); the gateway
+runs in a thread on a free port. Nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from gateway.app import create_app
+from tests.gateway.conftest import gateway_settings
+from tests.gateway.servers import ServerThread, wait_until
+
+MODEL = "smollm2"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class SimEngine:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def running(self) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("vllm:num_requests_running")
+        )
+
+    def faults(self, **faults: object) -> None:
+        httpx.post(f"{self.url}/admin/faults", json=faults, timeout=5).raise_for_status()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def _start_engine(speed: float) -> SimEngine:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enginesim", "--engines", "1", "--base-port", str(port),
+         "--speed", str(speed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    engine = SimEngine(f"http://127.0.0.1:{port}", proc)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{engine.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None
+
+    assert wait_until(healthy, timeout=60) and proc.poll() is None, "enginesim did not start"
+    return engine
+
+
+@dataclass
+class Cluster:
+    engines: list[SimEngine]
+    gateway: ServerThread
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.gateway.url}/v1"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    engines = [_start_engine(speed=10.0) for _ in range(3)]
+    try:
+        settings = gateway_settings(
+            [e.url for e in engines],
+            health={"interval_s": 0.2, "fail_threshold": 2, "success_threshold": 1},
+            routing={"policy": "least-request"},
+        )
+        with ServerThread(create_app(settings)) as gw:
+            yield Cluster(engines, gw)
+    finally:
+        for engine in engines:
+            if engine.proc.poll() is None:
+                engine.proc.terminate()
+                engine.proc.wait(timeout=15)
+
+
+def _sdk(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.base_url, api_key="unused", max_retries=0)
+
+
+def test_sdk_sync_chat_completions_models(cluster: Cluster) -> None:
+    with _sdk(cluster) as client:
+        models = [m.id for m in client.models.list()]
+        assert MODEL in models
+        # extra_body: vLLM extras are merged into the JSON and must reach the engine.
+        chat = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert chat.object == "chat.completion" and chat.choices[0].message.content
+        assert chat.usage is not None and chat.usage.completion_tokens == 8
+        comp = client.completions.create(
+            model=MODEL, prompt="Once upon", max_tokens=5, extra_body={"ignore_eos": True}
+        )
+        assert comp.object == "text_completion" and comp.choices[0].text
+
+
+def test_sdk_sync_streaming_with_include_usage(cluster: Cluster) -> None:
+    with _sdk(cluster) as client:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Count"}],
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_sdk_typed_errors(cluster: Cluster) -> None:
+    with _sdk(cluster) as client:
+        with pytest.raises(openai.NotFoundError) as not_found:
+            client.chat.completions.create(
+                model="no-such-model", messages=[{"role": "user", "content": "x"}]
+            )
+        assert not_found.value.code == "model_not_found"
+        assert not_found.value.request_id and not_found.value.request_id.startswith("req_")
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model=MODEL, messages=[])
+        assert bad.value.param == "messages"
+        # An engine-side 400 (vLLM validation) passes through as the same typed error.
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=10**9
+            )
+
+
+@pytest.mark.anyio
+async def test_sdk_async(cluster: Cluster) -> None:
+    async with openai.AsyncOpenAI(base_url=cluster.base_url, api_key="x", max_retries=0) as client:
+        models = await client.models.list()
+        assert MODEL in [m.id async for m in models]
+        results: list[str] = []
+
+        async def one(i: int) -> None:
+            chat = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"hi {i}"}], max_tokens=4
+            )
+            results.append(chat.choices[0].finish_reason)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(6):
+                tg.start_soon(one, i)
+        assert len(results) == 6 and set(results) <= {"stop", "length"}
+        stream = await client.completions.create(
+            model=MODEL, prompt="x", max_tokens=6, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in stream]
+        assert chunks[-1].usage is not None
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="nope", prompt="x")
+
+
+def test_client_disconnect_frees_the_engine_slot(cluster: Cluster) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}],
+            "max_tokens": 1500, "stream": True}  # fmt: skip
+    assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0)
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{cluster.base_url}/chat/completions", json=body) as resp:
+            chunks = resp.iter_raw()
+            next(chunks)
+            assert sum(e.running() for e in cluster.engines) == 1
+    # The connection is closed: the gateway cancels upstream and the engine aborts.
+    assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0, timeout=15)
+
+
+def test_stream_cut_by_engine_crash_ends_with_one_error_event(cluster: Cluster) -> None:
+    for engine in cluster.engines:
+        engine.faults(crash_mid_stream_after_tokens=3)
+    try:
+        with _sdk(cluster) as client:
+            stream = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=20,
+                stream=True, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            got: list[str] = []
+            with pytest.raises(openai.APIError) as err:
+                for chunk in stream:
+                    if chunk.choices:
+                        got.append(chunk.choices[0].delta.content or "")
+            assert "engine" in err.value.message
+            assert 0 < len(got) <= 4
+    finally:
+        for engine in cluster.engines:
+            engine.faults(clear=True)
+
+
+def test_all_engines_dead_gives_503_then_recovers(cluster: Cluster) -> None:
+    for engine in cluster.engines:
+        engine.faults(dead=True)
+    try:
+        ready = f"{cluster.gateway.url}/ready"
+        assert wait_until(lambda: httpx.get(ready).status_code == 503)
+        with _sdk(cluster) as client, pytest.raises(openai.InternalServerError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        assert err.value.status_code == 503
+        assert err.value.code == "no_healthy_endpoint"
+    finally:
+        for engine in cluster.engines:
+            engine.faults(clear=True)
+    assert wait_until(lambda: httpx.get(f"{cluster.gateway.url}/ready").status_code == 200)
+
+
+def test_engine_killed_mid_run_non_streaming_requests_still_succeed(cluster: Cluster) -> None:
+    """Runs last in this module: it kills one of the three engines."""
+    statuses: list[int] = []
+    lock = threading.Lock()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 24}
+
+    def worker(n: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            for _ in range(n):
+                status = client.post(f"{cluster.base_url}/chat/completions", json=body).status_code
+                with lock:
+                    statuses.append(status)
+
+    threads = [threading.Thread(target=worker, args=(8,)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    victim = cluster.engines[0]
+    assert wait_until(lambda: len(statuses) >= 6 and victim.running() > 0, timeout=30)
+    victim.kill()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(statuses) == 48
+    assert statuses == [200] * 48
+    ready = httpx.get(f"{cluster.gateway.url}/ready").json()
+    victim_id = victim.url.removeprefix("http://")
+    assert wait_until(
+        lambda: (
+            next(
+                e["health"]
+                for e in httpx.get(f"{cluster.gateway.url}/ready").json()["engines"]
+                if e["id"] == victim_id
+            )
+            == "unhealthy"
+        )
+    )
+    assert ready["healthy_engines"] >= 2
