@@ -1,0 +1,49 @@
+"""TCP_NODELAY on both sides of the gateway: accepted client sockets and upstream sockets.
+
+Without it, a streamed response written in small pieces can wait for a delayed ACK (the
+~40 ms per-response stall seen in peers on kept-alive connections). Checked on the live
+sockets rather than by timing.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from gateway.services import make_client
+from gateway.settings import ProxySettings
+from tests.gateway.conftest import StartEngines, StartGateway
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+def _nodelay(sock: socket.socket) -> bool:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_gateway_sets_nodelay_on_accepted_connections(
+    start_engines: StartEngines, start_gateway: StartGateway
+) -> None:
+    (_, srv), = start_engines(1)
+    gw = start_gateway([srv.url])
+    with httpx.Client(timeout=10) as client:
+        for _ in range(2):  # the second request reuses the kept-alive connection
+            assert client.post(f"{gw.url}/v1/chat/completions", json=CHAT).status_code == 200
+        connections = list(gw.server.server_state.connections)
+        assert connections
+        socks = [c.transport.get_extra_info("socket") for c in connections]  # type: ignore[attr-defined]
+        assert all(_nodelay(s) for s in socks)
+
+
+@pytest.mark.anyio
+async def test_upstream_client_sets_nodelay(start_engines: StartEngines) -> None:
+    (_, srv), = start_engines(1)
+    async with make_client(ProxySettings()) as client:
+        resp = await client.post(f"{srv.url}/v1/chat/completions", json=CHAT)
+        assert resp.status_code == 200
+        pool = client._transport._pool  # type: ignore[attr-defined]
+        streams = [conn._connection._network_stream for conn in pool.connections]
+        assert streams
+        assert all(_nodelay(s.get_extra_info("socket")) for s in streams)
