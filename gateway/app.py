@@ -25,7 +25,12 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 
 from gateway.errors import ClientError, GatewayError, InvalidField, NotFound
-from gateway.middleware import AccessLogMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware
+from gateway.middleware import (
+    AccessLogMiddleware,
+    BodySizeLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    RequestIdMiddleware,
+)
 from gateway.responses import error_response
 from gateway.routes import admin, openai, ops
 from gateway.services import Services
@@ -84,6 +89,9 @@ def create_app(
         middleware=[
             Middleware(RequestIdMiddleware),
             *([Middleware(AccessLogMiddleware)] if settings.server.access_log else []),
+            Middleware(
+                ConcurrencyLimitMiddleware, max_requests=settings.server.max_concurrent_requests
+            ),
             Middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes),
         ],
         exception_handlers={

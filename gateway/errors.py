@@ -3,6 +3,7 @@
 ::
 
     GatewayError (500 server_error)
+    ├── Overloaded                  503  code=server_is_overloaded  (concurrency guard)
     ├── ClientError (400 invalid_request_error)
     │   ├── InvalidJSON             400  code=invalid_json
     │   ├── InvalidField            400  code=invalid_value, param set
@@ -53,6 +54,15 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+
+class Overloaded(GatewayError):
+    status = 503
+    type = "service_unavailable_error"
+    code = "server_is_overloaded"
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": "1", "retry-after-ms": "1000"}
 
 
 class ClientError(GatewayError):

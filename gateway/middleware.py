@@ -3,7 +3,7 @@
 Pure ASGI (not ``BaseHTTPMiddleware``) so that contextvars set here are visible in the
 handler, streaming is never buffered and ``http.disconnect`` reaches the proxy unchanged.
 Order, outermost first: :class:`RequestIdMiddleware` → :class:`AccessLogMiddleware` →
-:class:`BodySizeLimitMiddleware` → the app.
+:class:`ConcurrencyLimitMiddleware` → :class:`BodySizeLimitMiddleware` → the app.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import current_request_id, reset_request_id, set_request_id
-from gateway.errors import BodyTooLarge, GatewayError, error_body, error_headers
+from gateway.errors import BodyTooLarge, GatewayError, Overloaded, error_body, error_headers
 
 log = logging.getLogger("switchyard.access")
 
@@ -109,6 +109,38 @@ class BodySizeLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most ``max_requests`` requests in progress; more get a 503 envelope at once.
+
+    Probes (``/health``, ``/ready``, ``/metrics``) are exempt so that an overloaded gateway
+    still answers its orchestrator. One event loop: a plain counter is enough.
+    """
+
+    EXEMPT = frozenset({"/health", "/ready", "/metrics"})
+
+    def __init__(self, app: ASGIApp, *, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        if self.active >= self.max_requests:
+            exc = Overloaded(f"the gateway is at its limit of {self.max_requests} requests")
+            await send(
+                {"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)}
+            )
+            await send({"type": "http.response.body", "body": error_body(exc)})
+            return
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
 
 
 class AccessLogMiddleware:

@@ -37,6 +37,7 @@ from gateway.errors import (
     GatewayError,
     NoHealthyEndpoint,
     UpstreamError,
+    UpstreamTimeout,
     UpstreamUnavailable,
     error_body,
     error_headers,
@@ -102,6 +103,8 @@ class ProxyPlan:
 @dataclass(slots=True)
 class _Outcome:
     status: int = 0
+    started: bool = False
+    sse: bool = False
     outcome: str = "ok"
     endpoint_id: str | None = None
     ttft_s: float | None = None
@@ -134,8 +137,18 @@ class Proxy:
     async def serve(self, plan: ProxyPlan, send: Send) -> None:
         """Run the attempts and stream the answer; always accounts for the request."""
         out = _Outcome()
+        deadline = self._settings.total_timeout_s
         try:
-            await self._attempts(plan, send, out)
+            try:
+                with anyio.fail_after(deadline):
+                    await self._attempts(plan, send, out)
+            except TimeoutError:
+                late = UpstreamTimeout(f"the request exceeded the gateway's {deadline:g}s deadline")
+                if not out.started:
+                    raise late from None
+                out.outcome = "upstream_error"
+                if out.sse:  # else: the body is cut and the client sees an incomplete response
+                    await send({"type": "http.response.body", "body": sse_error_event(late)})
         except GatewayError as exc:  # nothing was sent yet
             out.status, out.outcome = exc.status, "gateway_error"
             await send({"type": "http.response.start", "status": exc.status,
@@ -236,6 +249,7 @@ class Proxy:
             headers.append((b"x-switchyard-endpoint", state.id.encode("latin-1", "replace")))
         await send({"type": "http.response.start", "status": upstream.status_code,
                     "headers": headers})  # fmt: skip
+        out.started, out.sse = True, sse
         keep = bytearray(first)
         limit = TAIL_BYTES if sse else BODY_BYTES
         if first:

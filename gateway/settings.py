@@ -51,7 +51,10 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    limit_concurrency: int = Field(default=4096, gt=0)
+    # Requests in progress before the gateway answers 503 server_is_overloaded.
+    max_concurrent_requests: int = Field(default=4096, gt=0)
+    # uvicorn's own connection cap (a backstop; it answers in plain text).
+    limit_concurrency: int = Field(default=16384, gt=0)
     graceful_shutdown_s: float = Field(default=5.0, ge=0)
     access_log: bool = True
 
@@ -65,6 +68,8 @@ class ProxySettings(_Section):
     max_keepalive_connections: int = Field(default=256, ge=0)
     keepalive_expiry_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=2, ge=1, le=8)
+    # Whole-request deadline (read_timeout_s only bounds the gap between chunks).
+    total_timeout_s: float = Field(default=900.0, gt=0)
     retry_statuses: tuple[int, ...] = (500, 502, 503, 504)
 
 

@@ -26,7 +26,7 @@ def _nodelay(sock: socket.socket) -> bool:
 def test_gateway_sets_nodelay_on_accepted_connections(
     start_engines: StartEngines, start_gateway: StartGateway
 ) -> None:
-    (_, srv), = start_engines(1)
+    ((_, srv),) = start_engines(1)
     gw = start_gateway([srv.url])
     with httpx.Client(timeout=10) as client:
         for _ in range(2):  # the second request reuses the kept-alive connection
@@ -39,7 +39,7 @@ def test_gateway_sets_nodelay_on_accepted_connections(
 
 @pytest.mark.anyio
 async def test_upstream_client_sets_nodelay(start_engines: StartEngines) -> None:
-    (_, srv), = start_engines(1)
+    ((_, srv),) = start_engines(1)
     async with make_client(ProxySettings()) as client:
         resp = await client.post(f"{srv.url}/v1/chat/completions", json=CHAT)
         assert resp.status_code == 200

@@ -72,3 +72,16 @@ def test_profile_from_config(tmp_path: Path) -> None:
     assert settings.routing.profiles["mine"]["picker"] == "round-robin"
     with pytest.raises(FileNotFoundError):
         Settings.load(tmp_path / "missing.yaml")
+
+
+def test_public_api_is_pinned() -> None:
+    import gateway
+
+    assert gateway.__all__ == [
+        "FinishedRequest",
+        "RequestObserver",
+        "Services",
+        "Settings",
+        "create_app",
+    ]
+    assert all(hasattr(gateway, name) for name in gateway.__all__)
