@@ -215,3 +215,28 @@ HISTOGRAM_BUCKETS: Final[dict[str, tuple[float, ...]]] = {
         "vllm:request_prompt_tokens": "1 2 5 10 20 50 100 200 500 1000 2000",
     }.items()
 }
+
+# Request validation (400 BadRequestError) beyond types: (body, param, message).
+VALIDATION_ERRORS: Final = (
+    (
+        {"max_tokens": 0},
+        "max_tokens",
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+    ),
+    (
+        {"max_tokens": -1},
+        "max_tokens",
+        "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)",
+    ),
+    ({"n": 0}, None, "n must be at least 1, got 0."),
+    (
+        {"temperature": -1},
+        "temperature",
+        "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)",
+    ),
+)
+EMPTY_MESSAGES_MESSAGE: Final = (
+    "Cannot apply chat template to an empty conversation. Provide at least one message."
+)
+# Completions without max_tokens generate 16 tokens (OpenAI's default).
+DEFAULT_COMPLETION_MAX_TOKENS: Final = 16

@@ -9,6 +9,8 @@ codes, metric names/labels and stable messages: never on generated text (near-ti
 
 from __future__ import annotations
 
+import random
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -126,7 +128,8 @@ def test_completion_shape_and_exact_usage(http: httpx.Client, max_tokens: int) -
     out = resp.json()
     assert set(out) == rec.COMPLETION_KEYS
     assert out["object"] == "text_completion"
-    assert out["id"].startswith("cmpl-")
+    assert re.fullmatch(r"cmpl-[0-9a-f]{16}", out["id"]), out["id"]
+    assert out["system_fingerprint"].startswith("vllm-0.32.0-"), out["system_fingerprint"]
     assert out["model"] == rec.MODEL
     assert isinstance(out["created"], int)
     [choice] = out["choices"]
@@ -157,7 +160,8 @@ def test_chat_shape_and_usage(http: httpx.Client, sdk: openai.OpenAI) -> None:
     out = resp.json()
     assert set(out) == rec.CHAT_KEYS
     assert out["object"] == "chat.completion"
-    assert out["id"].startswith("chatcmpl-")
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{16}", out["id"]), out["id"]
+    assert out["system_fingerprint"].startswith("vllm-0.32.0-"), out["system_fingerprint"]
     [choice] = out["choices"]
     assert set(choice) == rec.CHAT_CHOICE_KEYS
     assert set(choice["message"]) == rec.CHAT_MESSAGE_KEYS
@@ -591,3 +595,223 @@ def test_prefix_cache_hits_on_repeated_long_prompt(http: httpx.Client) -> None:
         names[3]: prompt_tokens,
     }
     assert second[names[1]] >= 128
+
+
+# --- semantics the gateway and the routing scorers read -------------------------------------
+
+
+def _token_prompt(n: int, seed: int) -> list[int]:
+    """``n`` random token ids (exact prompt length, unique per seed)."""
+    rng = random.Random(seed)
+    return [rng.randrange(1000, 40000) for _ in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "max_tokens", "expected_completion"),
+    [(2000, 100, 48), (2047, 5, 1), (10, None, rec.DEFAULT_COMPLETION_MAX_TOKENS)],
+    ids=["clamped-to-context", "one-token-left", "default-16"],
+)
+def test_max_tokens_is_clamped_to_the_context(
+    http: httpx.Client, prompt_len: int, max_tokens: int | None, expected_completion: int
+) -> None:
+    # vLLM 0.32 does not reject prompt + max_tokens > max_model_len: it generates up to the end
+    # of the context and reports finish_reason "length".
+    body: dict[str, Any] = {
+        "model": rec.MODEL,
+        "prompt": _token_prompt(prompt_len, seed=prompt_len),
+        "ignore_eos": True,
+    }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    resp = http.post("/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["usage"]["prompt_tokens"] == prompt_len
+    assert out["usage"]["completion_tokens"] == expected_completion
+    assert out["choices"][0]["finish_reason"] == "length"
+
+
+def test_prompt_filling_the_context_is_400(http: httpx.Client) -> None:
+    body = {"model": rec.MODEL, "prompt": _token_prompt(rec.MAX_MODEL_LEN, seed=1), "max_tokens": 5}
+    assert_error(
+        http.post("/v1/completions", json=body),
+        status=400,
+        type_="BadRequestError",
+        param="max_tokens",
+        message="max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    rec.VALIDATION_ERRORS,
+    ids=["max_tokens-0", "max_tokens-negative", "n-0", "temperature-negative"],
+)
+def test_sampling_validation_is_400(
+    http: httpx.Client, extra: dict[str, Any], param: str | None, message: str
+) -> None:
+    body = {"model": rec.MODEL, "prompt": "Hi", "max_tokens": 2, **extra}
+    assert_error(
+        http.post("/v1/completions", json=body),
+        status=400,
+        type_="BadRequestError",
+        param=param,
+        message=message,
+    )
+
+
+def test_empty_messages_is_400(http: httpx.Client) -> None:
+    assert_error(
+        http.post(
+            "/v1/chat/completions", json={"model": rec.MODEL, "messages": [], "max_tokens": 2}
+        ),
+        status=400,
+        type_="BadRequestError",
+        param=None,
+        message=rec.EMPTY_MESSAGES_MESSAGE,
+    )
+
+
+def test_missing_model_uses_the_served_model(http: httpx.Client) -> None:
+    resp = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["model"] == rec.MODEL
+
+
+def test_prompt_list_gives_one_choice_per_prompt(http: httpx.Client) -> None:
+    prompts = [_token_prompt(3, seed=3), _token_prompt(5, seed=5)]
+    body = {"model": rec.MODEL, "prompt": prompts, "max_tokens": 2, "ignore_eos": True}
+    out = http.post("/v1/completions", json=body).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert out["usage"]["prompt_tokens"] == 8
+    assert out["usage"]["completion_tokens"] == 4
+
+
+def test_max_completion_tokens_limits_chat(http: httpx.Client) -> None:
+    body = {
+        "model": rec.MODEL,
+        "messages": CHAT_HELLO,
+        "max_completion_tokens": 3,
+        "ignore_eos": True,
+    }
+    out = http.post("/v1/chat/completions", json=body).json()
+    assert out["usage"]["completion_tokens"] == 3
+
+
+def _moved(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, float]:
+    """Which per-model samples changed, by sample name plus the non-standard labels."""
+    names = {
+        "vllm:prompt_tokens_total": {},
+        "vllm:generation_tokens_total": {},
+        "vllm:prefix_cache_queries_total": {},
+        "vllm:request_success_total": {"finished_reason": "length"},
+        "vllm:time_to_first_token_seconds_count": {},
+        "vllm:inter_token_latency_seconds_count": {},
+        "vllm:e2e_request_latency_seconds_count": {},
+        "vllm:request_prompt_tokens_sum": {},
+        "vllm:request_generation_tokens_sum": {},
+        "vllm:request_params_n_sum": {},
+    }
+    return {
+        name: after.value(name, model_name=rec.MODEL, **labels)
+        - before.value(name, model_name=rec.MODEL, **labels)
+        for name, labels in names.items()
+    }
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_metrics_move_with_one_request(http: httpx.Client, n: int) -> None:
+    before = scrape(http)
+    body = {
+        "model": rec.MODEL,
+        "prompt": _token_prompt(14, seed=100 + n),
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "n": n,
+    }
+    out = http.post("/v1/completions", json=body).json()
+    assert out["usage"] == {
+        "prompt_tokens": 14,
+        "completion_tokens": 5 * n,
+        "total_tokens": 14 + 5 * n,
+        "prompt_tokens_details": None,
+        "completion_tokens_details": None,
+    }
+    target = before.value("vllm:generation_tokens_total", model_name=rec.MODEL) + 5 * n
+    after = wait_for_metrics(http, _reached("vllm:generation_tokens_total", target))
+    # With n > 1 vLLM counts every child request: the prompt is counted n times.
+    assert _moved(before, after) == {
+        "vllm:prompt_tokens_total": 14 * n,
+        "vllm:generation_tokens_total": 5 * n,
+        "vllm:prefix_cache_queries_total": 14 * n,
+        "vllm:request_success_total": n,
+        "vllm:time_to_first_token_seconds_count": n,
+        "vllm:inter_token_latency_seconds_count": 4 * n,
+        "vllm:e2e_request_latency_seconds_count": n,
+        "vllm:request_prompt_tokens_sum": 14 * n,
+        "vllm:request_generation_tokens_sum": 5 * n,
+        "vllm:request_params_n_sum": n,
+    }
+
+
+def test_running_gauge_and_kv_usage_follow_a_stream(http: httpx.Client) -> None:
+    body = {
+        "model": rec.MODEL,
+        "prompt": _token_prompt(200, seed=7),
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with http.stream("POST", "/v1/completions", json=body) as resp:
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert first.startswith("data: {")
+        during = scrape(http)
+        for _ in lines:
+            pass
+    after = wait_for_metrics(
+        http, lambda s: s.value("vllm:num_requests_running", model_name=rec.MODEL) == 0
+    )
+    assert during.value("vllm:num_requests_running", model_name=rec.MODEL) == 1
+    assert during.value("vllm:num_requests_waiting", model_name=rec.MODEL) == 0
+    assert 0 < during.value("vllm:kv_cache_usage_perc", model_name=rec.MODEL) < 1
+    assert after.value("vllm:num_requests_running", model_name=rec.MODEL) == 0
+    assert after.value("vllm:kv_cache_usage_perc", model_name=rec.MODEL) == 0
+
+
+def _hits(http: httpx.Client, body: dict[str, Any]) -> float:
+    before = scrape(http)
+    resp = http.post("/v1/completions", json=body)
+    assert resp.status_code == 200, resp.text
+    prompt_tokens = resp.json()["usage"]["prompt_tokens"]
+    target = before.value("vllm:prompt_tokens_total", model_name=rec.MODEL) + prompt_tokens
+    after = wait_for_metrics(http, _reached("vllm:prompt_tokens_total", target))
+    return after.value("vllm:prefix_cache_hits_total", model_name=rec.MODEL) - before.value(
+        "vllm:prefix_cache_hits_total", model_name=rec.MODEL
+    )
+
+
+def test_cache_salt_isolates_the_prefix_cache(http: httpx.Client) -> None:
+    prompt = _token_prompt(521, seed=uuid.uuid4().int)
+    base = {"model": rec.MODEL, "prompt": prompt, "max_tokens": 1}
+    assert _hits(http, {**base, "cache_salt": "A"}) == 0
+    assert _hits(http, {**base, "cache_salt": "A"}) == 512
+    assert _hits(http, {**base, "cache_salt": "B"}) == 0
+    assert _hits(http, base) == 0
+    assert _hits(http, base) == 512
+
+
+def test_lora_prefix_cache_is_per_adapter(engine: ContractEngine, http: httpx.Client) -> None:
+    name = f"pc{uuid.uuid4().hex[:6]}"
+    load = http.post(
+        "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": engine.lora_path}
+    )
+    assert load.status_code == 200, load.text
+    try:
+        prompt = _token_prompt(521, seed=uuid.uuid4().int)
+        assert _hits(http, {"model": rec.MODEL, "prompt": prompt, "max_tokens": 1}) == 0
+        # The adapter name is part of the block hash: the base model's blocks do not match.
+        assert _hits(http, {"model": name, "prompt": prompt, "max_tokens": 1}) == 0
+        assert _hits(http, {"model": name, "prompt": prompt, "max_tokens": 1}) == 512
+    finally:
+        http.post("/v1/unload_lora_adapter", json={"lora_name": name})
