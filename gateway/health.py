@@ -52,11 +52,14 @@ class HealthChecker:
         endpoints: EndpointRegistry,
         settings: HealthSettings,
         metrics: GatewayMetrics,
+        max_concurrent_probes: int = 32,
     ) -> None:
         self._client = client
         self._endpoints = endpoints
         self._settings = settings
         self._metrics = metrics
+        # Bounded fan-out: a large fleet is probed at most this many engines at a time.
+        self._limiter = anyio.CapacityLimiter(max_concurrent_probes)
 
     async def run(self) -> None:
         """Probe forever, every ``interval_s`` (the caller ran the first round already)."""
@@ -67,7 +70,11 @@ class HealthChecker:
     async def check_once(self) -> None:
         async with anyio.create_task_group() as tg:
             for state in self._endpoints:
-                tg.start_soon(self.probe, state)
+                tg.start_soon(self._limited_probe, state)
+
+    async def _limited_probe(self, state: EndpointState) -> None:
+        async with self._limiter:
+            await self.probe(state)
 
     async def probe(self, state: EndpointState) -> None:
         timeout = self._settings.timeout_s
