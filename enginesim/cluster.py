@@ -33,6 +33,7 @@ from enginesim.server.codec import load_codec
 from enginesim.server.driver import EngineDriver
 from enginesim.server.faults import FaultInjector, Faults
 from enginesim.server.kv_events import KVEventPublisher
+from enginesim.server.listener import RefusableListener
 from enginesim.server.metrics import EngineMetrics
 from enginesim.server.runtime import EngineRuntime, EngineSpec, TextCodec
 
@@ -89,49 +90,6 @@ class _EngineServer(uvicorn.Server):
         return None
 
 
-class _Listener:
-    """``refuse_connections``: close the listening socket (and open connections), reopen later."""
-
-    def __init__(self, server: _EngineServer, rt: EngineRuntime, tg: TaskGroup) -> None:
-        self._server = server
-        self._rt = rt
-        self._tg = tg
-        self._host = ""
-        self._port = 0
-        self._factory: Callable[[], asyncio.Protocol] | None = None
-
-    def bind(self, host: str, port: int) -> None:
-        self._host, self._port = host, port
-        # uvicorn builds its protocol factory inside startup(); reuse it to listen again.
-        self._factory = self._server.servers[0]._protocol_factory  # type: ignore[attr-defined]
-
-    def refuse(self, for_s: float | None) -> None:
-        self._tg.start_soon(self._refuse, for_s)
-
-    def resume(self) -> None:
-        self._tg.start_soon(self._listen)
-
-    async def _refuse(self, for_s: float | None) -> None:
-        await anyio.sleep(0.05)  # let the admin response leave first
-        for srv in self._server.servers:
-            srv.close()
-        for conn in list(self._server.server_state.connections):
-            transport = getattr(conn, "transport", None)
-            if transport is not None:
-                transport.abort()
-        if for_s is not None:
-            await anyio.sleep(for_s)
-            self._rt.faults.set_refusing(False)
-            await self._listen()
-
-    async def _listen(self) -> None:
-        if self._factory is None or any(s.is_serving() for s in self._server.servers):
-            return
-        loop = asyncio.get_running_loop()
-        srv = await loop.create_server(self._factory, self._host, self._port, reuse_address=True)
-        self._server.servers.append(srv)
-
-
 class _EventSink:
     """Late-bound KV-event target: the publisher is created once the HTTP port is known."""
 
@@ -148,7 +106,7 @@ class _Engine:
     index: int
     runtime: EngineRuntime
     server: _EngineServer
-    listener: _Listener
+    listener: RefusableListener
     sink: _EventSink
     kv_port: int | None
 
@@ -211,7 +169,7 @@ def _build(
         limit_concurrency=MAX_CONNECTIONS,
     )
     server = _EngineServer(config)
-    listener = _Listener(server, rt, tg)
+    listener = RefusableListener(server, faults, tg)
     rt.listener = listener
     kv_port = None
     if cfg.kv_events:
@@ -246,9 +204,7 @@ async def _wait_started(
     running = []
     host = _url_host(cfg.host)
     for e in engines:
-        sockets = e.server.servers[0].sockets
-        port = int(sockets[0].getsockname()[1])
-        e.listener.bind(cfg.host, port)
+        port = e.listener.bind()
         endpoint = None
         if e.kv_port is not None:
             kv_target = f"tcp://{host}:{e.kv_port}" if e.kv_port else f"tcp://{host}:*"
@@ -272,6 +228,7 @@ async def _stop(engines: list[_Engine], tasks: list[asyncio.Task[None]]) -> None
         if not t.done():
             t.cancel()
     for e in engines:
+        e.listener.close()
         e.sink.publisher = None
         if e.runtime.kv_publisher is not None:
             e.runtime.kv_publisher.close()

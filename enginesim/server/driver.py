@@ -1,10 +1,17 @@
 """The clock-owning loop of one simulated engine.
 
-Simulated time is ``(monotonic() - start) * speed``. While the core has work the driver calls
-``core.step(now)``, sleeps ``duration / speed`` wall seconds (times the fault slowdown), then
-delivers each request's outputs, stamped ``now + duration``, to that request's bounded queue and
-records the vLLM request metrics in simulated seconds. Idle, it waits on an event set by
+Simulated time runs at ``speed`` x wall time: ``sim = anchor_sim + (monotonic() - anchor_wall)
+* speed``. While the core has work the driver calls ``core.step(start)``, sleeps until the wall
+instant that maps to ``start + duration`` (duration times the fault slowdown), then delivers each
+request's outputs, stamped ``start + duration``, to that request's bounded queue and records the
+vLLM request metrics in simulated seconds. Idle, it waits on an event set by
 :meth:`EngineDriver.submit`. KV events taken from the core after each step go to ``on_events``.
+
+Back-to-back steps are exact in simulated time: step k+1 starts where step k ended, and a late
+wake-up (event-loop jitter, other engines' work) is caught up by sleeping less on the next
+steps. When the host falls more than ``MAX_LAG_S`` wall seconds behind, the clock is re-anchored
+(simulated time pauses for the excess): the run gets slower than ``speed`` but step times, TTFT
+and ITL stay what the model says instead of absorbing host overhead x ``speed``.
 
 Queue and prefill times: the core API does not report when a request was first scheduled, so the
 queue time is measured up to the start of the step that produced the first token and the prefill
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +33,8 @@ from enginesim.server.metrics import EngineMetrics
 __all__ = ["Delivery", "EngineDriver"]
 
 log = logging.getLogger(__name__)
+
+MAX_LAG_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +84,21 @@ class EngineDriver:
         self._slowdown = slowdown
         self._on_events = on_events
         self._clock = clock
-        self._start = clock()
+        self._anchor_wall = clock()
+        self._anchor_sim = 0.0
         self._cursor = 0.0
+        self._horizon = math.inf  # end of the step in flight: nothing is stamped later than it
         self._tracks: dict[str, _Track] = {}
         self._wake = asyncio.Event()
         self.dead_reason: str | None = None
 
     def now(self) -> float:
-        """Current simulated time in seconds since the engine started."""
-        return max(self._cursor, (self._clock() - self._start) * self.speed)
+        """Current simulated time (never past the end of the step in flight)."""
+        mapped = self._anchor_sim + (self._clock() - self._anchor_wall) * self.speed
+        return min(mapped, self._horizon)
+
+    def _wall_at(self, sim: float) -> float:
+        return self._anchor_wall + (sim - self._anchor_sim) / self.speed
 
     @property
     def num_inflight(self) -> int:
@@ -109,29 +125,41 @@ class EngineDriver:
 
     async def run(self) -> None:
         """The engine loop; runs until cancelled."""
+        busy = False
         while True:
             if not self.core.has_work():
+                busy = False
+                self._horizon = math.inf
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            now = self.now()
-            wall_start = self._clock()
+            start = self._step_start(busy)
             try:
-                res = self.core.step(now)
+                res = self.core.step(start)
                 events = self.core.take_events()
             except Exception as exc:  # a core bug must not hang every client forever
                 log.exception("engine core step failed; engine is now dead")
-                self._die(f"engine core failed: {exc!r}", now)
+                self._die(f"engine core failed: {exc!r}", start)
                 return
             if events and self._on_events is not None:
                 self._on_events(events)
-            duration = max(0.0, res.duration_s) * max(1.0, self._slowdown())
-            delay = duration / self.speed - (self._clock() - wall_start)
-            await asyncio.sleep(max(0.0, delay))
-            self._cursor = now + duration
-            self._deliver(res, start=now, end=now + duration)
+            end = start + max(0.0, res.duration_s) * max(1.0, self._slowdown())
+            self._horizon = end
+            await asyncio.sleep(max(0.0, self._wall_at(end) - self._clock()))
+            self._cursor = end
+            busy = True
+            self._deliver(res, start=start, end=end)
             if self._metrics.adapter_ever_loaded:
                 self._metrics.record_lora(self.core.stats())
+
+    def _step_start(self, busy: bool) -> float:
+        """Back-to-back after a step (catching up small lags), else the current time."""
+        if not busy:
+            return max(self._cursor, self.now())
+        lag = self._clock() - self._wall_at(self._cursor)
+        if lag > MAX_LAG_S:  # too far behind to catch up: pause simulated time instead
+            self._anchor_wall, self._anchor_sim = self._clock(), self._cursor
+        return self._cursor
 
     def _deliver(self, res: StepResult, *, start: float, end: float) -> None:
         m = self._metrics
