@@ -10,7 +10,9 @@ import msgpack
 import zmq
 
 from enginesim.cluster import ClusterConfig
-from kvcache.events import BlockStored, decode_kv_event_message
+from enginesim.core.api import KVEvent
+from enginesim.server.kv_events import encode_batch
+from kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_kv_event_message
 from tests.enginesim.server_harness import running_cluster
 
 MODEL = "smollm2"
@@ -75,3 +77,35 @@ def test_block_stored_events_reach_a_sub_socket() -> None:
     decoded = [decode_kv_event_message(m) for m in msgs]
     first = next(e for b in decoded for e in b.events if isinstance(e, BlockStored))
     assert list(first.token_ids) == token_ids and first.block_size == 128
+
+
+def test_every_event_kind_round_trips_through_the_gateway_decoder() -> None:
+    events = [
+        KVEvent(
+            "BlockStored",
+            block_hashes=(11, 12),
+            parent_block_hash=10,
+            token_ids=tuple(range(256)),
+            block_size=128,
+            lora_name="banana",
+        ),  # fmt: skip
+        KVEvent("BlockRemoved", block_hashes=(11,)),
+        KVEvent("AllBlocksCleared"),
+    ]
+    payload = encode_batch(events, ts=123.5)
+    assert msgpack.unpackb(payload) == [
+        123.5,
+        [
+            ["BlockStored", [11, 12], 10, list(range(256)), 128, None, "GPU", "banana"],
+            ["BlockRemoved", [11], "GPU"],
+            ["AllBlocksCleared"],
+        ],
+        0,
+    ]
+    batch = decode_kv_event_message([b"kv@x", (7).to_bytes(8, "big"), payload])
+    stored, removed, cleared = batch.events
+    assert isinstance(stored, BlockStored) and stored.lora_name == "banana"
+    assert stored.parent_block_hash == 10 and stored.block_hashes == (11, 12)
+    assert isinstance(removed, BlockRemoved) and removed.block_hashes == (11,)
+    assert isinstance(cleared, AllBlocksCleared)
+    assert batch.seq == 7

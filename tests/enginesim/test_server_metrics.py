@@ -11,6 +11,9 @@ import openai
 import pytest
 
 from enginesim.cluster import ClusterConfig, RunningEngine
+from enginesim.core.api import SimRequest
+from enginesim.core.engine import EngineCore
+from enginesim.core.profile import load_profile
 from tests.enginesim.server_harness import (
     metric_families,
     running_cluster,
@@ -179,3 +182,23 @@ def test_lora_lifecycle_models_metrics_and_statuses(http: httpx.Client, tmp_path
         assert again.json()["error"]["message"] == "The lora adapter 'banana' cannot be found."
         with pytest.raises(openai.NotFoundError):
             sdk.completions.create(model="banana", prompt="hi", max_tokens=1)
+
+
+def test_inter_token_latency_is_exactly_the_models_step_time(http: httpx.Client) -> None:
+    """Host jitter never leaks into simulated time: back-to-back steps are exact."""
+    prompt = list(range(500, 540))
+    expected_core = EngineCore(load_profile("cpu-smollm2"), seed=0)
+    expected_core.add_request(SimRequest("x", tuple(prompt), max_tokens=12, arrival_time=0.0,
+                                         ignore_eos=True))  # fmt: skip
+    durations, now = [], 0.0
+    while expected_core.has_work():
+        step = expected_core.step(now)
+        now += step.duration_s
+        durations.append(step.duration_s)
+    assert len(durations) == 12
+    before = metric_families(http)
+    _complete(http, prompt=prompt, max_tokens=12, ignore_eos=True)
+    after = metric_families(http)
+    name = "vllm:inter_token_latency_seconds_sum"
+    itl_sum = sample_value(after, name) - sample_value(before, name)
+    assert itl_sum == pytest.approx(sum(durations[1:]), rel=1e-9)
