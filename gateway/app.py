@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from gateway.errors import ClientError, GatewayError, InvalidField, NotFound
@@ -64,6 +65,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # The client left while sending its body; nobody will read this answer.
+    return Response(status_code=499)
+
+
 def create_app(
     settings: Settings,
     *,
@@ -98,6 +104,7 @@ def create_app(
             GatewayError: _gateway_error,
             RequestValidationError: _validation_error,
             StarletteHTTPException: _http_error,
+            ClientDisconnect: _client_gone,
         },
     )
     app.include_router(openai.router)
