@@ -3,7 +3,8 @@
 Faults: a seeded error rate with a list of statuses to draw from, hanging requests (never answered
 until the client leaves), a slowdown factor on step times, closing the connection after N streamed
 tokens, refusing connections (stop listening), and a dead engine (``/health`` 503, requests 503).
-All random draws come from one ``random.Random(seed)`` so a run is reproducible.
+All random draws come from one ``random.Random(seed)`` so a run is reproducible. A request can
+also force its own failure with the header ``X-Return-Error: <status>`` (llm-d-inference-sim).
 """
 
 from __future__ import annotations

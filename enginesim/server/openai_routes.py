@@ -31,6 +31,8 @@ from enginesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from enginesim.server.runtime import EngineRuntime
 from enginesim.server.sse import Emit, SSEResponse, StreamCrash, wait_disconnect
 
+FORCED_ERROR_HEADER = "x-return-error"
+
 __all__ = ["build_openai_router", "chat_prompt_ids", "check_token_ids", "completion_prompts"]
 
 
@@ -83,13 +85,27 @@ def check_token_ids(rt: EngineRuntime, ids: list[int], *, param: str) -> None:
         raise bad_request(f"Token id {bad} is out of vocabulary", param=param)
 
 
-def _admit(rt: EngineRuntime, model: str | None) -> str | None:
+def _admit(rt: EngineRuntime, request: Request, model: str | None) -> str | None:
     rt.check_available()
     adapter = rt.resolve_model(model)
-    status = rt.faults.draw_error()
+    status = _forced_status(request) or rt.faults.draw_error()
     if status is not None:
         raise EngineHTTPError(status, status_type(status), f"Injected fault: HTTP {status}.")
     return adapter
+
+
+def _forced_status(request: Request) -> int | None:
+    """llm-d-inference-sim's per-request fault: ``X-Return-Error: <status>``."""
+    raw = request.headers.get(FORCED_ERROR_HEADER)
+    if raw is None:
+        return None
+    try:
+        status = int(raw)
+    except ValueError:
+        raise bad_request(f"{FORCED_ERROR_HEADER} must be an HTTP status") from None
+    if not 400 <= status <= 599:
+        raise bad_request(f"{FORCED_ERROR_HEADER} must be an HTTP status")
+    return status
 
 
 def _job(
@@ -305,13 +321,13 @@ def build_openai_router(rt: EngineRuntime) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        adapter = _admit(rt, body.model)
+        adapter = _admit(rt, request, body.model)
         job = _job(rt, "chat", body, [chat_prompt_ids(rt, body)], adapter)
         return await _respond(rt, request, job, bool(body.stream))
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        adapter = _admit(rt, body.model)
+        adapter = _admit(rt, request, body.model)
         job = _job(rt, "completion", body, completion_prompts(rt, body), adapter)
         return await _respond(rt, request, job, bool(body.stream))
 

@@ -75,6 +75,15 @@ def test_error_rate_one_fails_every_request_with_given_status(
     assert resp.status_code == 503 and resp.json()["error"]["code"] == 503
 
 
+def test_x_return_error_header_forces_one_requests_status(http: httpx.Client) -> None:
+    resp = http.post("/v1/completions", json=_body(1), headers={"X-Return-Error": "429"})
+    assert resp.status_code == 429
+    assert resp.json()["error"]["type"] == "RateLimitError"
+    bad = http.post("/v1/completions", json=_body(1), headers={"X-Return-Error": "soon"})
+    assert bad.status_code == 400
+    assert http.post("/v1/completions", json=_body(1)).status_code == 200
+
+
 def _outcomes(seed: int) -> list[int]:
     cfg = ClusterConfig(base_port=0, speed=50.0, model=MODEL, seed=seed,
                         faults=Faults(error_rate=0.5, error_status=(429, 500)))  # fmt: skip
