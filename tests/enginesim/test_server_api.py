@@ -6,6 +6,7 @@ Clients: the real ``openai`` SDK for the OpenAI routes, httpx for the vLLM extra
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -309,3 +310,25 @@ def test_unknown_route_and_method_keep_fastapi_bodies(http: httpx.Client) -> Non
     assert http.get("/nope").json() == {"detail": "Not Found"}
     resp = http.get("/v1/completions")
     assert (resp.status_code, resp.json()) == (405, {"detail": "Method Not Allowed"})
+
+
+def test_seeded_fuzz_never_yields_a_server_error(http: httpx.Client) -> None:
+    rng = random.Random(1234)
+    values: list[Any] = [None, True, -1, 0, 1, 3, 2.5, "", "x", "smollm2", [], [1], ["a"], [[1]],
+                         {}, {"a": 1}, [{"role": "user"}], [-5], "\ud7ff" * 3]  # fmt: skip
+    fields = ["model", "prompt", "messages", "max_tokens", "n", "stop", "stream", "ignore_eos",
+              "stream_options", "max_completion_tokens", "stop_token_ids", "request_id",
+              "include_stop_str_in_output", "cache_salt", "user"]  # fmt: skip
+    for i in range(150):
+        body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, 6))}
+        body.setdefault("model", MODEL)
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
+            body["max_tokens"] = 2
+        body.pop("request_id", None)  # keep request ids unique
+        path = rng.choice(["/v1/completions", "/v1/chat/completions", "/tokenize",
+                           "/v1/completions/render", "/v1/chat/completions/render"])  # fmt: skip
+        resp = http.post(path, json=body)
+        assert resp.status_code in (200, 400, 404), (i, path, body, resp.text)
+        if resp.status_code != 200:
+            assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert http.get("/health").status_code == 200
