@@ -1,0 +1,88 @@
+"""``python -m benchmarks.routing`` (``make bench-routing``): the routing benchmark.
+
+Prints a comparison table and writes JSON to ``results/routing-<mode>.json``. ``--quick``
+(the default for ``make``) keeps every run short for a shared 2-core machine; ``--full`` uses
+the llm-d-sized workloads (150 groups x 5 prompts of ~6,000-word system prompts) and a longer
+ladder. See :mod:`benchmarks.routing.runner` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.routing import launch
+from benchmarks.routing.report import check_targets, print_table, write_json
+from benchmarks.routing.runner import BenchConfig, run_benchmark
+from benchmarks.routing.workloads import WORKLOADS
+
+OURS = "inproc:prefix-cache"
+DEFAULT_CONTENDERS = (
+    "inproc:random",
+    "inproc:round-robin",
+    "inproc:least-request",
+    OURS,
+    "gateway:prefix-cache",
+    "sglang-router:cache_aware",
+    "vllm-router:cache_aware",
+    "oracle",
+)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="short runs (default)")
+    mode.add_argument("--full", action="store_true", help="llm-d-sized workloads, long ladder")
+    p.add_argument("--workloads", type=_csv, default=None,
+                   help="shared-prefix,multi-turn,unique,mix")  # fmt: skip
+    p.add_argument("--contenders", type=_csv, default=None)
+    p.add_argument("--fractions", type=_csv, default=None, help="load ladder, x saturation")
+    p.add_argument("--speed", type=float, default=None, help="simulated s per wall s")
+    p.add_argument("--engines", type=int, default=4)
+    p.add_argument("--max-requests", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    full = bool(args.full)
+    cfg = BenchConfig(
+        workloads=args.workloads or ("shared-prefix", "multi-turn", "unique", "mix"),
+        contenders=args.contenders or DEFAULT_CONTENDERS,
+        fractions=tuple(float(f) for f in args.fractions)
+        if args.fractions
+        else ((0.3, 0.5, 0.7, 0.9, 1.0) if full else (0.5, 0.8)),
+        spec=WORKLOADS["full" if full else "quick"],
+        engines=args.engines,
+        speed=args.speed or (4.0 if full else 10.0),
+        seed=args.seed,
+        max_requests=args.max_requests or (750 if full else 150),
+        probe_requests=300 if full else 80,
+        max_run_wall_s=900.0 if full else 120.0,
+    )
+    missing = [c for c in cfg.contenders if c.split(":")[0] in launch.PEER_NAMES
+               and not launch.peer_available(c.split(":")[0])]  # fmt: skip
+    if missing:
+        print(f"note: peers not installed ({', '.join(missing)}): run scripts/peers/install.sh")
+    rows, meta = run_benchmark(cfg)
+    print()
+    print_table(rows)
+    targets = check_targets(rows, ours=OURS)
+    for t in targets:
+        mark = "MET " if t["met"] else "MISS"
+        print(f"[{mark}] {t['workload']} @{t['load']:.2f}: {t['target']}: "
+              f"{t['value']:.3f} vs limit {t['limit']:.3f}")  # fmt: skip
+    meta["targets"] = targets
+    out = args.out or Path(f"results/routing-{'full' if full else 'quick'}.json")
+    write_json(out, rows=rows, meta=meta)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Subprocess launchers: the enginesim cluster, our gateway, and the peer routers.
+
+Each launcher starts one process in its own process group with stdout/stderr in a log file,
+waits (bounded) until it answers an HTTP readiness probe, and is stopped by its own PID
+(SIGTERM, then SIGKILL after a grace period) -- never by name. Peers run from their own
+virtualenvs under ``~/.cache/switchyard/peers`` (``scripts/peers/install.sh``), never from the
+project's venv. Every process gets an offline environment (``HF_HUB_OFFLINE`` etc., and
+``HF_ENDPOINT`` on a dead loopback port) so nothing reaches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+PEER_NAMES = ("sglang-router", "vllm-router")
+PEERS_HOME = Path.home() / ".cache" / "switchyard" / "peers"
+OFFLINE_ENV = {
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "NO_COLOR": "1",
+}
+
+
+class LaunchError(RuntimeError):
+    """A process did not start or did not become ready in time (see its log)."""
+
+
+def free_port_block(n: int, *, start: int = 20000, stop: int = 60000) -> int:
+    """A base port with ``n`` consecutive free ports on 127.0.0.1 (best effort, racy)."""
+    for base in range(start + (os.getpid() % 500) * 37, stop, n + 7):
+        socks: list[socket.socket] = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise LaunchError(f"no block of {n} free ports")
+
+
+@dataclass(slots=True)
+class Proc:
+    """A started process; :meth:`stop` terminates it (and its group) by PID."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=grace_s)
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"{name}.log"
+    with log.open("wb") as fh:
+        popen = subprocess.Popen(  # noqa: S603 - argv is built here, not from user input
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **OFFLINE_ENV, **(env or {})},
+            start_new_session=True,
+        )
+    return Proc(name=name, popen=popen, log=log)
+
+
+def wait_ready(proc: Proc, urls: Sequence[str], *, timeout_s: float) -> None:
+    """Poll every URL until it answers 200, the process dies, or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(urls)
+    with httpx.Client(timeout=2.0) as client:
+        while pending:
+            if not proc.alive():
+                raise LaunchError(f"{proc.name} exited: {proc.tail()}")
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise LaunchError(f"{proc.name} not ready after {timeout_s}s: {proc.tail()}")
+            try:
+                if client.get(pending[0]).status_code == 200:
+                    pending.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCluster:
+    proc: Proc
+    urls: tuple[str, ...]
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        return tuple(f"e{i}" for i in range(len(self.urls)))
+
+
+def start_enginesim(
+    *,
+    engines: int,
+    profile: str,
+    speed: float,
+    model: str,
+    log_dir: Path,
+    kv_events: bool = False,
+    extra: Sequence[str] = (),
+    timeout_s: float = 120.0,
+) -> EngineCluster:
+    base = free_port_block(engines * 2)
+    argv = [
+        sys.executable, "-m", "enginesim",
+        "--engines", str(engines),
+        "--base-port", str(base),
+        "--profile", profile,
+        "--speed", str(speed),
+        "--model", model,
+        *(["--kv-events"] if kv_events else []),
+        *extra,
+    ]  # fmt: skip
+    proc = spawn("enginesim", argv, log_dir)
+    urls = tuple(f"http://127.0.0.1:{base + i}" for i in range(engines))
+    wait_ready(proc, [f"{u}/health" for u in urls], timeout_s=timeout_s)
+    return EngineCluster(proc=proc, urls=urls)
+
+
+def start_gateway(
+    *,
+    policy: str,
+    engine_urls: Sequence[str],
+    model: str,
+    log_dir: Path,
+    routing_extra: dict[str, object] | None = None,
+    timeout_s: float = 60.0,
+) -> tuple[Proc, str]:
+    """``switchyard serve --config <tmp yaml>`` in front of ``engine_urls``."""
+    port = free_port_block(1)
+    config = {
+        "server": {"host": "127.0.0.1", "port": port, "access_log": False},
+        "routing": {"policy": policy, **(routing_extra or {})},
+        "engines": [
+            {"url": u, "id": f"e{i}", "models": [model]} for i, u in enumerate(engine_urls)
+        ],
+        "log_level": "WARNING",
+    }
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"gateway-{policy}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    exe = Path(sys.executable).parent / "switchyard"
+    proc = spawn(f"gateway-{policy}", [str(exe), "serve", "--config", str(path)], log_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, [f"{url}/health"], timeout_s=timeout_s)
+    return proc, url
+
+
+def peer_available(peer: str) -> bool:
+    return (PEERS_HOME / peer / "bin" / "python").exists()
+
+
+def start_peer(
+    *, peer: str, policy: str, engine_urls: Sequence[str], log_dir: Path, timeout_s: float = 60.0
+) -> tuple[Proc, str]:
+    """sglang-router or vllm-router (peer-lab.md §2 launch lines) with ``policy``."""
+    port = free_port_block(2)
+    prom = port + 1
+    venv = PEERS_HOME / peer / "bin"
+    common = [
+        "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *engine_urls,
+        "--policy", policy, "--prometheus-host", "127.0.0.1", "--prometheus-port", str(prom),
+    ]  # fmt: skip
+    if peer == "sglang-router":
+        argv = [str(venv / "python"), "-m", "sglang_router.launch_router", *common]
+        argv += ["--log-level", "warn"]
+    elif peer == "vllm-router":
+        argv = [str(venv / "vllm-router"), *common, "--log-level", "warning"]
+        argv += ["--worker-startup-check-interval", "1"]
+    else:
+        raise LaunchError(f"unknown peer {peer!r}")
+    if not peer_available(peer):
+        raise LaunchError(f"{peer} not installed (run scripts/peers/install.sh)")
+    proc = spawn(f"{peer}-{policy}", argv, log_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(proc, [f"{url}/health"], timeout_s=timeout_s)
+    return proc, url

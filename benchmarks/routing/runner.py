@@ -1,0 +1,235 @@
+"""Orchestrates the routing benchmark: workloads x load ladder x contenders, same engines.
+
+For each workload a saturation probe first measures the throughput ``inproc:least-request``
+sustains when every probe request arrives at once (completions per simulated second between
+the 25th and 75th percentile finish times); the load ladder is fractions of that. Then, per
+(workload, load) step, every contender replays the *same* request list (same prompts, same
+arrival times) against a *fresh* enginesim cluster (caches start cold for everyone), with the
+contender order rotated per step so no contender always runs first. Between start and end of a
+run the engines' ``/metrics`` are scraped for engine-side hit rate and load split.
+
+Contenders (``kind:policy``):
+
+* ``inproc:<policy>`` -- our routing package inside the client (:mod:`.inproc`);
+* ``gateway:<policy>`` -- ``switchyard serve`` in front of the engines;
+* ``sglang-router:<policy>``, ``vllm-router:<policy>`` -- peers from their own venvs;
+* ``oracle`` -- computed, not run (:mod:`.oracle`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from benchmarks.routing import launch
+from benchmarks.routing.inproc import InProcRouter
+from benchmarks.routing.loadgen import Dispatcher, FixedTarget, Result, run_load
+from benchmarks.routing.oracle import oracle
+from benchmarks.routing.report import RunSummary, pct, summarize
+from benchmarks.routing.workloads import BenchRequest, WorkloadSpec, generate
+from enginesim.core.profile import load_profile
+from routing.metrics_parser import EngineMetrics, MetricsParseError, parse_vllm_metrics
+from routing.registry import builtin_policies
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    workloads: tuple[str, ...]
+    contenders: tuple[str, ...]
+    fractions: tuple[float, ...]
+    spec: WorkloadSpec
+    engines: int = 4
+    profile: str = "llama3-8b-a100"
+    model: str = "llama3-8b"
+    speed: float = 10.0
+    seed: int = 0
+    max_requests: int = 150
+    probe_requests: int = 80
+    max_run_wall_s: float = 120.0
+    scrape_interval_s: float = 0.5
+    log_dir: Path = Path("results/routing-logs")
+
+
+def scrape_all(urls: Sequence[str]) -> dict[str, EngineMetrics]:
+    out: dict[str, EngineMetrics] = {}
+    with httpx.Client(timeout=5.0) as client:
+        for i, url in enumerate(urls):
+            try:
+                out[f"e{i}"] = parse_vllm_metrics(client.get(f"{url}/metrics").text)
+            except (httpx.HTTPError, MetricsParseError) as exc:
+                log.warning("scrape %s failed: %s", url, exc)
+    return out
+
+
+async def _drive(
+    requests: Sequence[BenchRequest], dispatcher: Dispatcher, cfg: BenchConfig
+) -> tuple[list[Result], dict[str, Any]]:
+    load = partial(
+        run_load,
+        requests,
+        dispatcher,
+        model=cfg.model,
+        speed=cfg.speed,
+        max_duration_s=cfg.max_run_wall_s,
+    )
+    if not isinstance(dispatcher, InProcRouter):
+        return await load()
+    async with httpx.AsyncClient(timeout=5.0) as client, anyio.create_task_group() as tg:
+        tg.start_soon(dispatcher.scrape_forever, client, cfg.scrape_interval_s / cfg.speed)
+        results, info = await load()
+        tg.cancel_scope.cancel()
+    route_s = sorted(dispatcher.route_s)
+    info["route_us_p50"] = (pct(route_s, 50) or 0.0) * 1e6
+    info["route_us_p99"] = (pct(route_s, 99) or 0.0) * 1e6
+    return results, info
+
+
+def run_contender(
+    contender: str, requests: Sequence[BenchRequest], cfg: BenchConfig, tag: str
+) -> tuple[list[Result], dict[str, Any], dict[str, EngineMetrics], dict[str, EngineMetrics]]:
+    """One run on a fresh cluster; raises :class:`launch.LaunchError` if it cannot start."""
+    kind, _, policy = contender.partition(":")
+    log_dir = cfg.log_dir / tag
+    cluster = launch.start_enginesim(
+        engines=cfg.engines,
+        profile=cfg.profile,
+        speed=cfg.speed,
+        model=cfg.model,
+        log_dir=log_dir,
+    )
+    target: launch.Proc | None = None
+    try:
+        dispatcher: Dispatcher
+        if kind == "inproc":
+            built = builtin_policies()[policy]()
+            engines = dict(zip(cluster.ids, cluster.urls, strict=True))
+            dispatcher = InProcRouter(built, engines, model=cfg.model)
+        elif kind == "gateway":
+            target, url = launch.start_gateway(
+                policy=policy, engine_urls=cluster.urls, model=cfg.model, log_dir=log_dir
+            )
+            dispatcher = FixedTarget(url, headers={"x-switchyard-routing": policy})
+        elif kind in ("sglang-router", "vllm-router"):
+            target, url = launch.start_peer(
+                peer=kind, policy=policy, engine_urls=cluster.urls, log_dir=log_dir
+            )
+            dispatcher = FixedTarget(url)
+        else:
+            raise launch.LaunchError(f"unknown contender kind {kind!r}")
+        before = scrape_all(cluster.urls)
+        results, info = anyio.run(_drive, requests, dispatcher, cfg)
+        after = scrape_all(cluster.urls)
+        return results, info, before, after
+    finally:
+        if target is not None:
+            target.stop()
+        cluster.proc.stop()
+
+
+def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, Any]]:
+    """Sustained completions per simulated second under a burst (see module docstring)."""
+    requests = generate(workload, cfg.spec, rate=1000.0, seed=cfg.seed)[: cfg.probe_requests]
+    requests = [r for r in requests if r.depends_on is None or r.depends_on < len(requests)]
+    results, info, _, _ = run_contender("inproc:least-request", requests, cfg, f"{workload}-probe")
+    ends = sorted(r.sent_at + (r.e2e_s or 0.0) for r in results if r.ok)
+    if len(ends) < 8:
+        raise RuntimeError(f"probe for {workload}: only {len(ends)} requests succeeded")
+    lo, hi = ends[len(ends) // 4], ends[3 * len(ends) // 4]
+    rate = (3 * len(ends) // 4 - len(ends) // 4) / max(1e-9, (hi - lo) * cfg.speed)
+    return rate, {"probe_ok": len(ends), "probe_requests": len(results), **info}
+
+
+def oracle_row(
+    workload: str, rate: float, frac: float, requests: Sequence[BenchRequest],
+    results: Sequence[Result], cfg: BenchConfig,
+) -> RunSummary:  # fmt: skip
+    profile = load_profile(cfg.profile)
+    rows = oracle(requests, [r.prompt_tokens for r in results], profile=profile, model=cfg.model)
+    ttfts = [o.ttft_s for o in rows]
+    prompt = sum(o.prompt_tokens for o in rows)
+    return RunSummary(
+        workload=workload,
+        contender="oracle",
+        rate_rps=rate,
+        fraction=frac,
+        requests=len(rows),
+        ok=len(rows),
+        errors={},
+        ttft_p50_s=pct(ttfts, 50),
+        ttft_p90_s=pct(ttfts, 90),
+        ttft_p99_s=pct(ttfts, 99),
+        itl_p50_s=None,
+        output_tok_per_s=None,
+        engine_hit_rate=sum(o.cached_tokens for o in rows) / prompt if prompt else None,
+        load_split=[],
+        load_split_max_dev=None,
+        extra={"note": "idle engines, unlimited cache, perfect placement: a bound"},
+    )
+
+
+def run_benchmark(cfg: BenchConfig) -> tuple[list[RunSummary], dict[str, Any]]:
+    rows: list[RunSummary] = []
+    meta: dict[str, Any] = {"config": {**_jsonable(cfg)}, "saturation": {}, "skipped": []}
+    step = 0
+    for workload in cfg.workloads:
+        sat, probe_info = probe_saturation(workload, cfg)
+        meta["saturation"][workload] = {"rps": sat, **probe_info}
+        print(f"[{workload}] saturation ~ {sat:.2f} req/s (simulated)", flush=True)
+        for frac in cfg.fractions:
+            rate = sat * frac
+            requests = generate(workload, cfg.spec, rate=rate, seed=cfg.seed)
+            requests = _truncate(requests, cfg.max_requests)
+            order = list(cfg.contenders)
+            step += 1
+            order = order[step % len(order) :] + order[: step % len(order)]
+            reference: list[Result] | None = None
+            for contender in order:
+                if contender == "oracle":
+                    continue
+                tag = f"{workload}-{frac:.2f}-{contender.replace(':', '-')}"
+                try:
+                    results, info, before, after = run_contender(contender, requests, cfg, tag)
+                except (launch.LaunchError, KeyError) as exc:
+                    print(f"  skip {contender}: {exc}"[:300], flush=True)
+                    meta["skipped"].append({"contender": contender, "reason": str(exc)[:500]})
+                    continue
+                reference = reference or results
+                row = summarize(
+                    workload=workload, contender=contender, rate_rps=rate, fraction=frac,
+                    results=results, speed=cfg.speed, before=before, after=after, extra=info,
+                )  # fmt: skip
+                rows.append(row)
+                print(
+                    f"  {contender:<28} ok {row.ok}/{row.requests} "
+                    f"ttft p90 {(row.ttft_p90_s or 0) * 1e3:.0f} ms hit {row.engine_hit_rate}",
+                    flush=True,
+                )
+            if "oracle" in cfg.contenders and reference is not None:
+                rows.append(oracle_row(workload, rate, frac, requests, reference, cfg))
+    return rows, meta
+
+
+def _truncate(requests: list[BenchRequest], n: int) -> list[BenchRequest]:
+    """The first ``n`` requests, dropping turns whose previous turn was cut off."""
+    head = requests[:n]
+    return [r for r in head if r.depends_on is None or r.depends_on < len(head)]
+
+
+def _jsonable(cfg: BenchConfig) -> dict[str, Any]:
+    out = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    out["spec"] = {k: getattr(cfg.spec, k) for k in cfg.spec.__dataclass_fields__}
+    out["log_dir"] = str(cfg.log_dir)
+    return out
+
+
+def with_overrides(cfg: BenchConfig, **kw: Any) -> BenchConfig:
+    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
