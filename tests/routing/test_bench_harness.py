@@ -1,0 +1,188 @@
+"""The routing benchmark's pure pieces: workloads, load client, in-process router, report."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import orjson
+import pytest
+
+from benchmarks.routing.inproc import InProcRouter
+from benchmarks.routing.loadgen import FixedTarget, Result, run_load
+from benchmarks.routing.oracle import cached_fractions, idle_ttft_s, oracle
+from benchmarks.routing.report import check_targets, pct, summarize
+from benchmarks.routing.workloads import WORKLOADS, WorkloadSpec, generate
+from enginesim.core.profile import load_profile
+from routing.metrics_parser import EngineMetrics
+from routing.registry import builtin_policies
+
+SMALL = WorkloadSpec(
+    groups=4, per_group=3, system_words=300, question_words=20, shared_output=4,
+    sessions=3, turns=3, session_system_words=50, turn_words=10, reply_words=10,
+    turn_output=4, think_s=0.01, unique=6, unique_words=40, unique_output=4,
+)  # fmt: skip
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.parametrize("kind", ["shared-prefix", "multi-turn", "unique", "mix"])
+def test_workloads_are_seeded_ordered_and_consistent(kind: str) -> None:
+    a = generate(kind, SMALL, rate=5.0, seed=1)
+    assert a == generate(kind, SMALL, rate=5.0, seed=1)
+    assert a != generate(kind, SMALL, rate=5.0, seed=2)
+    assert [r.idx for r in a] == list(range(len(a)))
+    assert all(x.at_s <= y.at_s for x, y in zip(a, a[1:], strict=False))
+    for r in a:
+        if r.depends_on is not None:
+            prev = a[r.depends_on]
+            assert prev.session == r.session and r.depends_on < r.idx
+            # the next turn repeats the previous conversation as its prefix
+            assert r.messages[: len(prev.messages)] == prev.messages
+
+
+def test_workload_shapes() -> None:
+    shared = generate("shared-prefix", SMALL, rate=1.0)
+    assert len(shared) == 12 and len({r.messages[0] for r in shared}) == 4
+    assert len(generate("multi-turn", SMALL, rate=1.0)) == 9
+    unique = generate("unique", SMALL, rate=1.0)
+    assert len({r.messages[0][1][:30] for r in unique}) == 6
+    assert {r.kind for r in generate("mix", WORKLOADS["quick"], rate=1.0)} == {
+        "shared-prefix", "multi-turn", "unique",
+    }  # fmt: skip
+    with pytest.raises(ValueError):
+        generate("nope", SMALL, rate=1.0)
+    with pytest.raises(ValueError):
+        generate("unique", SMALL, rate=0.0)
+
+
+def _sse(tokens: int, prompt_tokens: int) -> list[bytes]:
+    chunks = [b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n']
+    chunks += [
+        b"data: " + orjson.dumps({"choices": [{"delta": {"content": f"t{i} "}}]}) + b"\n\n"
+        for i in range(tokens)
+    ]
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
+    chunks.append(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+    chunks.append(b"data: [DONE]\n\n")
+    return chunks
+
+
+def _transport(seen: list[dict[str, object]]) -> httpx.MockTransport:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = orjson.loads(request.content)
+        seen.append({"url": str(request.url), "body": body, "headers": dict(request.headers)})
+        if body.get("user") == "user-u1":
+            return httpx.Response(503, json={"error": {"message": "busy"}})
+        if body.get("user") == "user-u2":
+            err = b'data: {"error": {"message": "boom"}}\n\n'
+            return httpx.Response(200, content=_aiter([err]))
+        return httpx.Response(200, content=_aiter(_sse(body["max_tokens"], 42)))
+
+    return httpx.MockTransport(handler)
+
+
+async def _aiter(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for c in chunks:
+        yield c
+
+
+@pytest.mark.anyio
+async def test_load_client_measures_streams_and_errors() -> None:
+    seen: list[dict[str, object]] = []
+    requests = generate("unique", SMALL, rate=1000.0)
+    results, info = await run_load(
+        requests, FixedTarget("http://gw", headers={"x-switchyard-routing": "p"}),
+        model="m", speed=1.0, max_duration_s=30.0, transport=_transport(seen),
+    )  # fmt: skip
+    by_user = {req.user: res for req, res in zip(requests, results, strict=True)}
+    good = by_user["user-u0"]
+    assert good.ok and good.ttft_s is not None and len(good.itls_s) == 3
+    assert (good.output_tokens, good.prompt_tokens) == (4, 42)
+    assert by_user["user-u1"].error is not None and by_user["user-u1"].status == 503
+    assert by_user["user-u2"].error is not None and "boom" in by_user["user-u2"].error
+    assert sum(r.ok for r in results) == 4 and info["not_sent"] == 0
+    assert all(s["headers"]["x-switchyard-routing"] == "p" for s in seen)  # type: ignore[index]
+    assert seen[0]["body"]["stream_options"] == {"include_usage": True}  # type: ignore[index]
+
+
+@pytest.mark.anyio
+async def test_multi_turn_waits_for_previous_turn_and_inproc_routes_sticky() -> None:
+    seen: list[dict[str, object]] = []
+    requests = generate("multi-turn", SMALL, rate=1000.0)
+    router = InProcRouter(
+        builtin_policies()["prefix-cache"](),
+        {"e0": "http://e0", "e1": "http://e1", "e2": "http://e2"},
+        model="m",
+    )
+    results, _ = await run_load(
+        requests, router, model="m", speed=1.0, max_duration_s=30.0,
+        transport=_transport(seen),
+    )  # fmt: skip
+    assert all(r.ok for r in results)
+    order = [s["body"]["messages"] for s in seen]  # type: ignore[index]
+    for r in requests:
+        if r.depends_on is not None:
+            prev = [{"role": a, "content": b} for a, b in requests[r.depends_on].messages]
+            cur = [{"role": a, "content": b} for a, b in r.messages]
+            assert order.index(prev) < order.index(cur)
+    # every later turn of a session goes where its earlier turns went (its prefix is there)
+    engine_of = {}
+    for s in seen:
+        session = s["headers"]["x-session-id"]  # type: ignore[index]
+        engine_of.setdefault(session, set()).add(str(s["url"]).split("/v1")[0])
+    assert all(len(v) == 1 for v in engine_of.values())
+    assert all(st.snapshot().in_flight == 0 for st in router.states.values())
+    assert router.index.stats().pairs > 0 and len(router.route_s) == len(requests)
+
+
+def test_summarize_and_targets() -> None:
+    results = [
+        Result(idx=i, kind="unique", sent_at=float(i), ttft_s=0.01 * (i + 1), itls_s=[0.002],
+               e2e_s=1.0, output_tokens=10, status=200)
+        for i in range(10)
+    ] + [Result(idx=10, kind="unique", error="timeout")]  # fmt: skip
+    before = {"e0": EngineMetrics(), "e1": EngineMetrics()}
+    after = {
+        "e0": EngineMetrics(prefix_hits=30, prefix_queries=100, requests_finished=6),
+        "e1": EngineMetrics(prefix_hits=10, prefix_queries=100, requests_finished=4),
+    }
+    row = summarize(
+        workload="unique", contender="inproc:prefix-cache", rate_rps=1.0, fraction=0.8,
+        results=results, speed=10.0, before=before, after=after,
+    )  # fmt: skip
+    assert (row.ok, row.requests, row.errors) == (10, 11, {"timeout": 1})
+    assert row.ttft_p50_s == pytest.approx(0.5) and row.ttft_p99_s == pytest.approx(1.0)
+    assert row.itl_p50_s == pytest.approx(0.02)
+    assert row.engine_hit_rate == pytest.approx(0.2)
+    assert row.load_split == [0.6, 0.4] and row.load_split_max_dev == pytest.approx(0.2)
+    assert row.output_tok_per_s == pytest.approx(100 / 100)
+    lr = summarize(
+        workload="unique", contender="inproc:least-request", rate_rps=1.0, fraction=0.8,
+        results=results, speed=5.0, before=before, after=after,
+    )  # fmt: skip
+    targets = {t["target"]: t["met"] for t in check_targets([row, lr], ours=row.contender)}
+    assert targets == {"p90 within 5% of least-request": False, "load split within +-10%": False}
+
+
+def test_pct() -> None:
+    assert pct([], 50) is None
+    assert pct([3.0, 1.0, 2.0], 50) == 2.0
+    assert pct([1.0, 2.0], 100) == 2.0
+
+
+def test_oracle_bounds() -> None:
+    profile = load_profile("llama3-8b-a100")
+    requests = generate("shared-prefix", SMALL, rate=1.0)
+    fractions = cached_fractions(requests, "m")
+    firsts = {}
+    for r, f in zip(requests, fractions, strict=True):
+        firsts.setdefault(r.messages[0], f)
+    assert all(f == 0.0 for f in firsts.values())  # the first of each group is cold
+    assert sum(f > 0.5 for f in fractions) == len(requests) - 4
+    assert idle_ttft_s(profile, 4000, 0) > idle_ttft_s(profile, 4000, 3200) > 0
+    rows = oracle(requests, [500] * len(requests), profile=profile, model="m")
+    assert all(o.cached_tokens % profile.block_size == 0 for o in rows)
