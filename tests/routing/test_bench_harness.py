@@ -130,7 +130,7 @@ async def test_multi_turn_waits_for_previous_turn_and_inproc_routes_sticky() -> 
             cur = [{"role": a, "content": b} for a, b in r.messages]
             assert order.index(prev) < order.index(cur)
     # every later turn of a session goes where its earlier turns went (its prefix is there)
-    engine_of = {}
+    engine_of: dict[object, set[str]] = {}
     for s in seen:
         session = s["headers"]["x-session-id"]  # type: ignore[index]
         engine_of.setdefault(session, set()).add(str(s["url"]).split("/v1")[0])
@@ -178,7 +178,7 @@ def test_oracle_bounds() -> None:
     profile = load_profile("llama3-8b-a100")
     requests = generate("shared-prefix", SMALL, rate=1.0)
     fractions = cached_fractions(requests, "m")
-    firsts = {}
+    firsts: dict[object, float] = {}
     for r, f in zip(requests, fractions, strict=True):
         firsts.setdefault(r.messages[0], f)
     assert all(f == 0.0 for f in firsts.values())  # the first of each group is cold
