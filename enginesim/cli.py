@@ -40,13 +40,23 @@ async def _run_until_signalled(cfg: ClusterConfig) -> None:
         await serve_cluster(cfg, on_ready=ready)
 
 
-def run_cluster(cfg: ClusterConfig) -> None:
-    """Blocking: serve until Ctrl-C/SIGTERM (configures logging; CLI use only)."""
+def run_cluster(cfg: ClusterConfig) -> int:
+    """Blocking: serve until Ctrl-C/SIGTERM; 0 on a clean stop, 1 if the engines failed."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         anyio.run(partial(_run_until_signalled, cfg), backend="asyncio")
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         pass
+    except (OSError, RuntimeError, ValueError, ExceptionGroup) as exc:
+        log.error("enginesim failed: %s", "; ".join(_messages(exc)))
+        return 1
+    return 0
+
+
+def _messages(exc: BaseException) -> list[str]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [m for sub in exc.exceptions for m in _messages(sub)]
+    return [f"{type(exc).__name__}: {exc}"]
 
 
 def run_sim(
@@ -64,8 +74,8 @@ def run_sim(
     faults: Faults | None = None,
     tokenizer: str | None = None,
 ) -> None:
-    """What ``switchyard sim`` calls."""
-    run_cluster(
+    """What ``switchyard sim`` calls (exits with status 1 if the engines failed)."""
+    code = run_cluster(
         ClusterConfig(
             engines=engines,
             base_port=base_port,
@@ -81,6 +91,8 @@ def run_sim(
             tokenizer=tokenizer,
         )
     )
+    if code:
+        sys.exit(code)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,8 +150,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> ClusterConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run_cluster(config_from_args(argv))
-    return 0
+    return run_cluster(config_from_args(argv))
 
 
 if __name__ == "__main__":

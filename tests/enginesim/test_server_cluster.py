@@ -114,3 +114,15 @@ def test_python_m_enginesim_serves_and_exits_cleanly_on_sigterm() -> None:
             proc.wait(timeout=10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_python_m_enginesim_exits_1_when_its_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        argv = [sys.executable, "-m", "enginesim", "--base-port", str(port)]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=60)
+    assert done.returncode == 1
+    assert b"failed to start" in done.stderr
