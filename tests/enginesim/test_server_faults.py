@@ -144,7 +144,7 @@ def test_dead_engine_health_503_and_requests_503(http: httpx.Client) -> None:
 
 
 def test_refuse_connections_then_resume(http: httpx.Client, engine: RunningEngine) -> None:
-    out = http.post("/admin/faults", json={"refuse_connections": True, "refuse_for_s": 1.5})
+    out = http.post("/admin/faults", json={"refuse_connections": True, "refuse_for_s": 3.0})
     assert out.json()["refuse_connections"] is True
 
     def refused() -> bool:
@@ -181,6 +181,7 @@ def test_fault_flags_at_startup() -> None:
 
 
 def test_stream_disconnect_aborts_and_frees_the_slot(http: httpx.Client) -> None:
+    http.post("/admin/faults", json={"slowdown": 20.0})  # the request outlives any host stall
     before = metric_families(http)
     with http.stream("POST", "/v1/completions", json=_body(2000, stream=True)) as resp:
         lines = resp.iter_lines()
@@ -197,6 +198,7 @@ def test_stream_disconnect_aborts_and_frees_the_slot(http: httpx.Client) -> None
 def test_non_stream_disconnect_aborts_and_frees_the_slot(
     http: httpx.Client, engine: RunningEngine
 ) -> None:
+    http.post("/admin/faults", json={"slowdown": 20.0})
     with httpx.Client(base_url=engine.url, timeout=0.3) as short, pytest.raises(httpx.ReadTimeout):
         short.post("/v1/completions", json=_body(2000))
     assert _poll(lambda: _running(http) == 0)
@@ -204,7 +206,7 @@ def test_non_stream_disconnect_aborts_and_frees_the_slot(
 
 
 def test_cold_start_health_and_requests_503_until_ready() -> None:
-    cfg = ClusterConfig(base_port=0, speed=50.0, model=MODEL, cold_start_s=100.0)
+    cfg = ClusterConfig(base_port=0, speed=50.0, model=MODEL, cold_start_s=250.0)
     with running_cluster(cfg) as engines:
         url = engines[0].url
         assert httpx.get(url + "/health").status_code == 503
