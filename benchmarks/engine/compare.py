@@ -2,10 +2,11 @@
 
 Run: ``make bench-engine`` (or ``.venv/bin/python -m benchmarks.engine.compare``). The workload:
 8 requests of 300 random prompt tokens (unique, so no prefix hits) and 64 output tokens
-(``ignore_eos``), streamed, at concurrency 1 and 4, after 2 warm-up requests. Both engines get
-the same prompts. Engines run one after the other (2 shared cores): the real one with the
-contract-suite flags (eager + LoRA, the configuration ``cpu-smollm2`` is calibrated for), then
-``enginesim --profile cpu-smollm2`` at speed 1.
+(``ignore_eos``), streamed, at concurrency 1 and 4, on the base model and (when the random
+adapter is installed) through a runtime-loaded LoRA adapter, after 2 warm-up requests. Both
+engines get the same prompts. Engines run one after the other (2 shared cores): the real one
+with the contract-suite flags (eager + LoRA, the configuration ``cpu-smollm2`` is calibrated
+for), then ``enginesim --profile cpu-smollm2`` at speed 1.
 
 Prints TTFT p50, inter-token latency p50 and aggregate output tokens/s side by side with
 sim/real ratios, flags any ratio outside ±25 %, and writes ``results/engine_compare.json``.
@@ -22,6 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +38,16 @@ from benchmarks.engine.launch import (
     start_enginesim,
     start_vllm,
 )
-from benchmarks.engine.measure import engine_client, median, random_prompt, run_batch, stream_once
+from benchmarks.engine.measure import (
+    SERVED_MODEL,
+    engine_client,
+    median,
+    random_prompt,
+    run_batch,
+    stream_once,
+)
 
+LORA_NAME = "bench-lora"
 RESULTS_PATH = REPO_ROOT / "results" / "engine_compare.json"
 NUM_REQUESTS = 8
 PROMPT_TOKENS = 300
@@ -47,30 +57,52 @@ TOLERANCE = 0.25
 METRICS = ("ttft_p50_ms", "itl_p50_ms", "output_tok_per_s")
 
 
-def workload(seed: int) -> dict[int, list[list[int]]]:
-    """The same prompts for every engine: per concurrency level, NUM_REQUESTS unique prompts."""
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One row group of the table: a concurrency level, on the base model or via the adapter."""
+
+    label: str
+    concurrency: int
+    lora: bool
+    prompts: tuple[tuple[int, ...], ...]
+
+
+def workload(seed: int, *, with_lora: bool) -> list[Level]:
+    """The same prompts for every engine: per level, NUM_REQUESTS unique prompts."""
     rng = random.Random(seed)
-    return {
-        c: [random_prompt(rng, PROMPT_TOKENS) for _ in range(NUM_REQUESTS)] for c in CONCURRENCIES
-    }
+    levels = []
+    for lora in (False, True) if with_lora else (False,):
+        for c in CONCURRENCIES:
+            prompts = tuple(tuple(random_prompt(rng, PROMPT_TOKENS)) for _ in range(NUM_REQUESTS))
+            levels.append(Level(f"c{c}" + ("-lora" if lora else ""), c, lora, prompts))
+    return levels
 
 
 async def run_workload(
-    base_url: str, prompts: dict[int, list[list[int]]], *, seed: int
+    base_url: str, levels: Sequence[Level], *, seed: int, lora_path: Path | None
 ) -> dict[str, dict[str, float]]:
     rng = random.Random(seed + 1)
     out: dict[str, dict[str, float]] = {}
     async with engine_client(base_url) as client:
+        if lora_path is not None:
+            body = {"lora_name": LORA_NAME, "lora_path": str(lora_path)}
+            resp = await client.post("/v1/load_lora_adapter", json=body)
+            resp.raise_for_status()
         for _ in range(2):
             await stream_once(client, prompt=random_prompt(rng, PROMPT_TOKENS), max_tokens=8)
-        for conc, batch in prompts.items():
+        for level in levels:
+            model = LORA_NAME if level.lora else SERVED_MODEL
             timings, wall = await run_batch(
-                client, batch, max_tokens=OUTPUT_TOKENS, concurrency=conc
+                client,
+                level.prompts,
+                max_tokens=OUTPUT_TOKENS,
+                concurrency=level.concurrency,
+                model=model,
             )
             tokens = sum(t.completion_tokens for t in timings)
             if tokens != NUM_REQUESTS * OUTPUT_TOKENS:
                 raise RuntimeError(f"expected {NUM_REQUESTS * OUTPUT_TOKENS} tokens, got {tokens}")
-            out[f"c{conc}"] = {
+            out[level.label] = {
                 "ttft_p50_ms": median([t.ttft_s for t in timings]) * 1e3,
                 "itl_p50_ms": median([g for t in timings for g in t.gaps_s]) * 1e3,
                 "output_tok_per_s": tokens / wall,
@@ -100,7 +132,7 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> tuple[str, list[st
     lines = [f"{'workload':<10}{'metric':<18}{'vllm':>10}{'enginesim':>11}{'sim/real':>10}"]
     misses: list[str] = []
     real, sim = results.get("vllm", {}), results.get("enginesim", {})
-    for level in (f"c{c}" for c in CONCURRENCIES):
+    for level in dict.fromkeys([*real, *sim]):
         for metric in METRICS:
             r = real.get(level, {}).get(metric)
             s = sim.get(level, {}).get(metric)
@@ -126,16 +158,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--engines", nargs="+", default=["vllm", "enginesim"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA levels")
     args = parser.parse_args(argv)
     home = args.home or Path(os.environ.get("REAL_ENGINE_HOME") or DEFAULT_HOME)
 
-    prompts = workload(args.seed)
+    lora_dir = RealEngineLayout.from_home(home).lora_dir
+    lora_path = lora_dir if lora_dir.exists() and not args.no_lora else None
+    levels = workload(args.seed, with_lora=lora_path is not None)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for kind in args.engines:
         started = time.perf_counter()
         with _engine(kind, home) as engine:
             print(f"{kind}: healthy after {time.perf_counter() - started:.1f} s")
-            run = functools.partial(run_workload, engine.base_url, prompts, seed=args.seed)
+            run = functools.partial(
+                run_workload, engine.base_url, levels, seed=args.seed, lora_path=lora_path
+            )
             results[kind] = anyio.run(run)
     text, misses = table(results)
     print(text)
@@ -152,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "requests": NUM_REQUESTS,
             "prompt_tokens": PROMPT_TOKENS,
             "output_tokens": OUTPUT_TOKENS,
-            "concurrency": list(CONCURRENCIES),
+            "levels": [level.label for level in levels],
             "seed": args.seed,
         },
         "results": results,

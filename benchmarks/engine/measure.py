@@ -105,6 +105,7 @@ async def run_batch(
     *,
     max_tokens: int,
     concurrency: int,
+    model: str = SERVED_MODEL,
 ) -> tuple[list[StreamTiming], float]:
     """Send ``prompts`` with at most ``concurrency`` in flight; timings and total wall seconds."""
     results: list[StreamTiming | None] = [None] * len(prompts)
@@ -112,7 +113,9 @@ async def run_batch(
 
     async def one(i: int) -> None:
         async with limiter:
-            results[i] = await stream_once(client, prompt=prompts[i], max_tokens=max_tokens)
+            results[i] = await stream_once(
+                client, prompt=prompts[i], max_tokens=max_tokens, model=model
+            )
 
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
