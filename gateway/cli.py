@@ -55,11 +55,11 @@ def up(
     config: str | None = typer.Option(None, help="optional switchyard.yaml for gateway settings"),
 ) -> None:
     """Quickstart: the gateway on 127.0.0.1 with simulated engines, nothing else needed."""
+    from gateway.logs import configure_logging
     from gateway.quickstart import run_up
-    from gateway.runner import configure_logging
 
     settings = _load(Path(config) if config else None, host="127.0.0.1", port=port)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run = partial(
         run_up,
         settings,
@@ -79,11 +79,12 @@ def serve(
     port: int | None = typer.Option(None, help="override server.port"),
 ) -> None:
     """The gateway in front of the real engines listed in the config file."""
-    from gateway.runner import build_server, configure_logging, serve_gateway
+    from gateway.logs import configure_logging
+    from gateway.runner import build_server, serve_gateway
 
     path = Path(config)
     settings = _load(path, host=host, port=port)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     server = build_server(settings, config_path=path)
 
     async def started(bound: int) -> None:

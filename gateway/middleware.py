@@ -15,7 +15,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.context import current_request_id, reset_request_id, set_request_id
+from gateway.context import reset_request_id, set_request_id
 from gateway.errors import BodyTooLarge, GatewayError, Overloaded, error_body, error_headers
 
 log = logging.getLogger("switchyard.access")
@@ -166,8 +166,7 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_tracking)
         finally:
             log.info(
-                "%s %s %s %d %.1fms",
-                current_request_id() or "-",
+                "%s %s %d %.1fms",
                 scope.get("method", "-"),
                 scope.get("path", "-"),
                 status,

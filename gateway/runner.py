@@ -25,16 +25,6 @@ log = logging.getLogger("switchyard")
 START_TIMEOUT_S = 30.0
 
 
-def configure_logging(level: str) -> None:
-    """Configure the root logger once, in the CLI process only."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # httpx logs every request at INFO: that is one line per health probe and per proxied call.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def build_server(settings: Settings, *, config_path: Path | None = None) -> EmbeddedServer:
     app = create_app(settings, config_path=config_path)
     return make_server(

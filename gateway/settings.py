@@ -14,7 +14,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -118,6 +118,7 @@ class Settings(BaseSettings):
     # Client API keys; empty means no authentication (the local default).
     api_keys: tuple[SecretStr, ...] = ()
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @classmethod
     def settings_customise_sources(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -32,17 +34,20 @@ def _read_url(proc: subprocess.Popen[str]) -> str:
 def test_serve_with_config_reload_and_ctrl_c(start_engines: StartEngines, tmp_path: Path) -> None:
     (e0, s0), (e1, s1) = start_engines(2)
     config = tmp_path / "switchyard.yaml"
-    config.write_text(f"engines:\n  - url: {s0.url}\nserver:\n  access_log: false\n")
+    config.write_text(f"engines:\n  - url: {s0.url}\n")
+    env = {**os.environ, "SWITCHYARD_LOG_FORMAT": "json"}
     proc = subprocess.Popen(
         [SWITCHYARD, "serve", "--config", str(config), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env=env,
     )
     try:
         url = _read_url(proc)
         with httpx.Client(timeout=10) as client:
-            assert client.post(f"{url}/v1/chat/completions", json=CHAT).status_code == 200
+            first = client.post(f"{url}/v1/chat/completions", json=CHAT)
+            assert first.status_code == 200
             assert e0.requests == 1
             config.write_text(f"engines:\n  - url: {s1.url}\n")
             reloaded = client.post(f"{url}/admin/reload").json()
@@ -55,7 +60,12 @@ def test_serve_with_config_reload_and_ctrl_c(start_engines: StartEngines, tmp_pa
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
         assert proc.stdout is not None
-        assert "Traceback" not in proc.stdout.read()
+        output = proc.stdout.read()
+        assert "Traceback" not in output
+        logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        access = [r for r in logs if r["logger"] == "switchyard.access"]
+        assert any(r["request_id"] == first.headers["x-request-id"] for r in access)
+        assert any("POST /v1/chat/completions 200" in r["message"] for r in access)
     finally:
         if proc.poll() is None:
             proc.kill()
