@@ -173,6 +173,12 @@ def build_admin_router(rt: EngineRuntime) -> APIRouter:  # noqa: C901 - a flat l
         del rt.adapters[name]
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", status_code=200)
 
+    @router.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        if not rt.driver.reset_prefix_cache():
+            raise bad_request("The prefix cache cannot be reset while requests hold KV blocks.")
+        return Response(status_code=200)
+
     @router.get("/load")
     async def load() -> dict[str, int]:
         return {"server_load": rt.http_inflight}

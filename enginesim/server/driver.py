@@ -123,6 +123,17 @@ class EngineDriver:
         self._record_finish(track, reason, self.now())
         self._wake.set()
 
+    def reset_prefix_cache(self) -> bool:
+        """vLLM ``/reset_prefix_cache`` when the core supports it; publishes its events now."""
+        reset = getattr(self.core, "reset_prefix_cache", None)
+        if reset is None:
+            return False
+        done = bool(reset())
+        events = self.core.take_events()
+        if events and self._on_events is not None:
+            self._on_events(events)
+        return done
+
     async def run(self) -> None:
         """The engine loop; runs until cancelled."""
         busy = False

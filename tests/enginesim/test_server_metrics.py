@@ -133,6 +133,17 @@ def test_prefix_counters_on_repeated_long_prompt(http: httpx.Client) -> None:
     assert deltas[1] == (300, 256, 256)
 
 
+def test_reset_prefix_cache_forgets_cached_blocks(http: httpx.Client) -> None:
+    prompt = list(range(3000, 3300))
+    _complete(http, prompt=prompt, max_tokens=1)
+    assert http.post("/reset_prefix_cache").status_code == 200
+    before = metric_families(http)
+    _complete(http, prompt=prompt, max_tokens=1)
+    after = metric_families(http)
+    name = "vllm:prefix_cache_hits_total"
+    assert sample_value(after, name) - sample_value(before, name) == 0
+
+
 def test_lora_lifecycle_models_metrics_and_statuses(http: httpx.Client, tmp_path: Path) -> None:
     adapter = tmp_path / "lora-banana"
     adapter.mkdir()
