@@ -3,6 +3,7 @@ and the ``python -m enginesim`` entry point under SIGTERM."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import socket
@@ -126,3 +127,15 @@ def test_python_m_enginesim_exits_1_when_its_port_is_taken() -> None:
         done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=60)
     assert done.returncode == 1
     assert b"failed to start" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["enginesim.cluster", "enginesim.cli", "enginesim.server"]
+    + [f"enginesim.server.{p.stem}" for p in sorted((REPO / "enginesim/server").glob("[a-z]*.py"))],
+)
+def test_server_modules_export_only_what_exists(module: str) -> None:
+    mod = importlib.import_module(module)
+    exported = getattr(mod, "__all__", None)
+    assert exported, f"{module} has no __all__"
+    assert [n for n in exported if not hasattr(mod, n)] == []
