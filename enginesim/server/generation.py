@@ -32,7 +32,6 @@ __all__ = [
 class GenParams:
     """Sampling settings the simulator honours (others are accepted and ignored)."""
 
-    max_tokens: int | None
     stops: tuple[str, ...] = ()
     include_stop: bool = False
     ignore_eos: bool = False

@@ -117,7 +117,6 @@ def _job(
 ) -> _Job:
     max_tokens = [check_context(rt, len(p), body.effective_max_tokens()) for p in prompts]
     params = GenParams(
-        max_tokens=body.effective_max_tokens(),
         stops=tuple(body.stop_list()),
         include_stop=body.include_stop_str_in_output,
         ignore_eos=body.ignore_eos,
