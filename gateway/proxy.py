@@ -230,43 +230,19 @@ class Proxy:
         send: Send,
         out: _Outcome,
     ) -> None:
+        """Commit to this engine: headers, then every chunk as it comes, then accounting."""
         out.status = upstream.status_code
         sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
-        engine = state.engine
         if sse:
-            last = time.perf_counter()
-            out.ttft_s = last - plan.started
-            engine.first_token(ticket, ttft_s=out.ttft_s)
-        headers = [
-            (k.lower(), v)
-            for k, v in upstream.headers.raw
-            if k.lower() not in _DROP_RESPONSE_HEADERS
-        ]
-        if sse:
-            headers.append((b"x-accel-buffering", b"no"))
-        if plan.route_header is not None:
-            headers.append((b"x-switchyard-route", plan.route_header.encode("latin-1", "replace")))
-            headers.append((b"x-switchyard-endpoint", state.id.encode("latin-1", "replace")))
+            out.ttft_s = time.perf_counter() - plan.started
+            state.engine.first_token(ticket, ttft_s=out.ttft_s)
         await send({"type": "http.response.start", "status": upstream.status_code,
-                    "headers": headers})  # fmt: skip
+                    "headers": _response_headers(plan, state, upstream, sse=sse)})  # fmt: skip
         out.started, out.sse = True, sse
-        keep = bytearray(first)
-        limit = TAIL_BYTES if sse else BODY_BYTES
         if first:
             await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
-            with map_upstream_errors(state.id):
-                async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if sse:
-                        now = time.perf_counter()
-                        engine.tokens(ticket, n=chunk.count(b"data: {"), itl_s=now - last)
-                        last = now
-                        keep += chunk
-                        if len(keep) > limit:
-                            del keep[: len(keep) - limit]
-                    elif len(keep) <= limit:
-                        keep += chunk
+            kept = await self._pump(state, ticket, chunks, send, first=first, sse=sse)
         except UpstreamError as exc:
             self._metrics.upstream_errors.labels(endpoint=state.id, kind=type(exc).__name__).inc()
             self._metrics.stream_errors.labels(endpoint=state.id).inc()
@@ -276,18 +252,46 @@ class Proxy:
                 await send({"type": "http.response.body", "body": sse_error_event(exc)})
             # Non-SSE: return without finishing; the server closes the connection.
             return
-        if sse and upstream.status_code == 200 and not stream_completed(bytes(keep)):
+        if sse and upstream.status_code == 200 and not stream_completed(kept):
             cut = UpstreamError(f"engine {state.id} ended the stream without [DONE]")
             self._metrics.stream_errors.labels(endpoint=state.id).inc()
             out.outcome = "upstream_error"
             await send({"type": "http.response.body", "body": sse_error_event(cut)})
             return
         await send({"type": "http.response.body", "body": b""})
-        if upstream.status_code == 200 and (sse or len(keep) <= limit):
-            out.usage = extract_usage(bytes(keep), sse=sse)
+        if upstream.status_code == 200 and (sse or len(kept) <= BODY_BYTES):
+            out.usage = extract_usage(kept, sse=sse)
             completion = (out.usage or {}).get("completion_tokens")
             if not sse and isinstance(completion, int):
-                engine.tokens(ticket, n=completion)
+                state.engine.tokens(ticket, n=completion)
+
+    async def _pump(
+        self,
+        state: EndpointState,
+        ticket: Ticket,
+        chunks: AsyncIterator[bytes],
+        send: Send,
+        *,
+        first: bytes,
+        sse: bool,
+    ) -> bytes:
+        """Forward the remaining chunks unchanged; returns the bounded tail (SSE) or body."""
+        keep = bytearray(first)
+        limit = TAIL_BYTES if sse else BODY_BYTES
+        last = time.perf_counter()
+        with map_upstream_errors(state.id):
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if sse:
+                    now = time.perf_counter()
+                    state.engine.tokens(ticket, n=chunk.count(b"data: {"), itl_s=now - last)
+                    last = now
+                    keep += chunk
+                    if len(keep) > limit:
+                        del keep[: len(keep) - limit]
+                elif len(keep) <= limit:
+                    keep += chunk
+        return bytes(keep)
 
     def _account(self, plan: ProxyPlan, out: _Outcome) -> None:
         duration = time.perf_counter() - plan.started
@@ -317,6 +321,20 @@ class Proxy:
                 observer.on_request_finished(record)
             except Exception:
                 log.exception("request observer %r failed", observer)
+
+
+def _response_headers(
+    plan: ProxyPlan, state: EndpointState, upstream: httpx.Response, *, sse: bool
+) -> list[tuple[bytes, bytes]]:
+    """The engine's headers minus hop-by-hop ones, plus ours (debug route, no buffering)."""
+    drop = _DROP_RESPONSE_HEADERS
+    headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in drop]
+    if sse:
+        headers.append((b"x-accel-buffering", b"no"))
+    if plan.route_header is not None:
+        headers.append((b"x-switchyard-route", plan.route_header.encode("latin-1", "replace")))
+        headers.append((b"x-switchyard-endpoint", state.id.encode("latin-1", "replace")))
+    return headers
 
 
 class ProxyResponse(Response):
