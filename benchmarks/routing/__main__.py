@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         else ((0.3, 0.5, 0.7, 0.9, 1.0) if full else (0.5, 0.8)),
         spec=WORKLOADS["full" if full else "quick"],
         engines=args.engines,
-        speed=args.speed or (4.0 if full else 10.0),
+        speed=args.speed or 2.0,
         seed=args.seed,
         max_requests=args.max_requests or (750 if full else 150),
         probe_requests=300 if full else 80,

@@ -1,8 +1,8 @@
 """Orchestrates the routing benchmark: workloads x load ladder x contenders, same engines.
 
-For each workload a saturation probe first measures the throughput ``inproc:least-request``
-sustains when every probe request arrives at once (completions per simulated second between
-the 25th and 75th percentile finish times); the load ladder is fractions of that. Then, per
+For each workload a saturation probe first finds the highest Poisson rate
+``inproc:least-request`` sustains without a growing queue (:func:`probe_saturation`); the load
+ladder is fractions of that. Then, per
 (workload, load) step, every contender replays the *same* request list (same prompts, same
 arrival times) against a *fresh* enginesim cluster (caches start cold for everyone), with the
 contender order rotated per step so no contender always runs first. Between start and end of a
@@ -54,6 +54,7 @@ class BenchConfig:
     seed: int = 0
     max_requests: int = 150
     probe_requests: int = 80
+    probe_steps: int = 8
     max_run_wall_s: float = 120.0
     scrape_interval_s: float = 0.5
     log_dir: Path = Path("results/routing-logs")
@@ -135,17 +136,48 @@ def run_contender(
         cluster.proc.stop()
 
 
+def _knee(results: Sequence[Result], speed: float) -> tuple[float | None, bool]:
+    """TTFT p50 (simulated s) and whether the queue grew over the run (last vs first quarter)."""
+    ok = sorted((r for r in results if r.ok and r.ttft_s is not None), key=lambda r: r.idx)
+    ttfts = [(r.ttft_s or 0.0) * speed for r in ok]
+    if len(ttfts) < 8:
+        return None, True
+    q = len(ttfts) // 4
+    first, last = sum(ttfts[:q]) / q, sum(ttfts[-q:]) / q
+    return pct(ttfts, 50), last > 2.0 * first + 0.05
+
+
 def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, Any]]:
-    """Sustained completions per simulated second under a burst (see module docstring)."""
-    requests = generate(workload, cfg.spec, rate=1000.0, seed=cfg.seed)[: cfg.probe_requests]
-    requests = [r for r in requests if r.depends_on is None or r.depends_on < len(requests)]
-    results, info, _, _ = run_contender("inproc:least-request", requests, cfg, f"{workload}-probe")
-    ends = sorted(r.sent_at + (r.e2e_s or 0.0) for r in results if r.ok)
-    if len(ends) < 8:
-        raise RuntimeError(f"probe for {workload}: only {len(ends)} requests succeeded")
-    lo, hi = ends[len(ends) // 4], ends[3 * len(ends) // 4]
-    rate = (3 * len(ends) // 4 - len(ends) // 4) / max(1e-9, (hi - lo) * cfg.speed)
-    return rate, {"probe_ok": len(ends), "probe_requests": len(results), **info}
+    """The highest rate ``inproc:least-request`` sustains (see module docstring).
+
+    A ramp of short open-loop runs starting at a quarter of the uncached-prefill bound,
+    x1.5 per step, stops at the first step whose TTFT p50 exceeds 3x the first step's or whose
+    TTFT grows across the run (a queue building up); the previous step's rate is the answer.
+    """
+    profile = load_profile(cfg.profile)
+    sample = generate(workload, cfg.spec, rate=1.0, seed=cfg.seed)[: cfg.probe_requests]
+    words = sum(len(r.prompt_text().split()) for r in sample) / len(sample)
+    rate = 0.25 * cfg.engines / (words * profile.c_prefill_s)
+    steps: list[dict[str, Any]] = []
+    base: float | None = None
+    sustained: float | None = None
+    for _ in range(cfg.probe_steps):
+        requests = _truncate(
+            generate(workload, cfg.spec, rate=rate, seed=cfg.seed), cfg.probe_requests
+        )
+        results, _, _, _ = run_contender(
+            "inproc:least-request", requests, cfg, f"{workload}-probe-{rate:.2f}"
+        )
+        p50, growing = _knee(results, cfg.speed)
+        base = base if base is not None else p50
+        saturated = p50 is None or growing or (base is not None and p50 > 3.0 * base)
+        steps.append({"rate": rate, "ttft_p50_s": p50, "growing": growing, "saturated": saturated})
+        print(f"  probe {rate:7.2f} req/s: ttft p50 {p50} growing {growing}", flush=True)
+        if saturated:
+            break
+        sustained = rate
+        rate *= 1.5
+    return (sustained or rate / 1.5), {"probe_steps": steps}
 
 
 def oracle_row(

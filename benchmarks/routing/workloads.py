@@ -63,8 +63,8 @@ class WorkloadSpec:
 
     groups: int = 150
     per_group: int = 5
-    system_words: int = 6000
-    question_words: int = 1200
+    system_words: int = 5800
+    question_words: int = 1000
     shared_output: int = 1000
     sessions: int = 60
     turns: int = 5
