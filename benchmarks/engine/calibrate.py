@@ -11,14 +11,16 @@ the contract tests use.
 Measurements (unique random-token prompts, so nothing hits the prefix cache):
 
 * prefill: TTFT of a single request with P = 128 … 1536 prompt tokens (median of 3);
-* decode: median inter-token gap with B = 1, 4, 8 concurrent streams at two context lengths.
+* decode: median inter-token gap with B = 1, 4, 8 concurrent streams at two context lengths;
+* the same through a runtime-loaded LoRA adapter (P = 128/512/1024, B = 1/4/8).
 
 Both feed one weighted non-negative least-squares fit of the step-time model in
 :mod:`enginesim.core.timing`::
 
     step = c0 + c_prefill*P + c_attn*P*(P/2) + c_decode*B + c_ctx*sum(ctx)
 
-(relative error weights so 20 ms decode steps count as much as 1 s prefills). Only the five
+(relative error weights so 20 ms decode steps count as much as 1 s prefills); then the LoRA
+term ``c_lora_step + c_lora_token * L`` from the extra time of the adapter steps. Only the seven
 coefficient fields of ``enginesim/profiles/cpu-smollm2.json`` are rewritten (plus the
 ``sources`` lines describing the fit); the raw data go to ``results/engine_calibration.json``.
 """
@@ -26,6 +28,7 @@ coefficient fields of ``enginesim/profiles/cpu-smollm2.json`` are rewritten (plu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 
 from benchmarks.engine.launch import DEFAULT_HOME, REPO_ROOT, RealEngineLayout, start_vllm
 from benchmarks.engine.measure import engine_client, median, random_prompt, run_batch, stream_once
@@ -45,6 +49,9 @@ from benchmarks.engine.measure import engine_client, median, random_prompt, run_
 PROFILE_PATH = REPO_ROOT / "enginesim" / "profiles" / "cpu-smollm2.json"
 RESULTS_PATH = REPO_ROOT / "results" / "engine_calibration.json"
 COEFFS = ("c0_s", "c_prefill_s", "c_attn_s", "c_decode_s", "c_ctx_s")
+LORA_COEFFS = ("c_lora_step_s", "c_lora_token_s")
+LORA_NAME = "calib-lora"
+LORA_PREFILL_LENGTHS = (128, 512, 1024)
 PREFILL_LENGTHS = (128, 256, 512, 1024, 1536)
 DECODE_BATCHES = (1, 4, 8)
 DECODE_CONTEXTS = (64, 768)
@@ -60,6 +67,7 @@ class Observation:
     label: str
     features: tuple[float, float, float, float, float]
     seconds: float
+    lora_tokens: int = 0
 
 
 def prefill_features(p: int) -> tuple[float, float, float, float, float]:
@@ -70,10 +78,14 @@ def decode_features(batch: int, ctx: float) -> tuple[float, float, float, float,
     return (1.0, 0.0, 0.0, float(batch), batch * ctx)
 
 
-async def measure(base_url: str, *, seed: int) -> list[Observation]:
+async def measure(base_url: str, *, seed: int, lora_path: Path) -> list[Observation]:
     rng = random.Random(seed)
     obs: list[Observation] = []
     async with engine_client(base_url) as client:
+        resp = await client.post(
+            "/v1/load_lora_adapter", json={"lora_name": LORA_NAME, "lora_path": str(lora_path)}
+        )
+        resp.raise_for_status()
         for _ in range(3):  # warm-up: first requests pay one-off allocation costs
             await stream_once(client, prompt=random_prompt(rng, 64), max_tokens=8)
         for p in PREFILL_LENGTHS:
@@ -102,6 +114,33 @@ async def measure(base_url: str, *, seed: int) -> list[Observation]:
                     )
                 )
                 print(f"decode B={batch} ctx={ctx:4d}: step median {itl * 1e3:7.2f} ms")
+        obs += await measure_lora(client, rng)
+    return obs
+
+
+async def measure_lora(client: httpx.AsyncClient, rng: random.Random) -> list[Observation]:
+    """The same steps through the adapter: their extra time is the LoRA term."""
+    obs: list[Observation] = []
+    await stream_once(client, prompt=random_prompt(rng, 64), max_tokens=8, model=LORA_NAME)
+    for p in LORA_PREFILL_LENGTHS:
+        ttfts = []
+        for _ in range(REPS):
+            prompt = random_prompt(rng, p)
+            t = await stream_once(client, prompt=prompt, max_tokens=2, model=LORA_NAME)
+            ttfts.append(t.ttft_s)
+        ttft = median(ttfts)
+        obs.append(Observation("lora-prefill", f"lora P={p}", prefill_features(p), ttft, p))
+        print(f"LoRA prefill P={p:5d}: TTFT median {ttft * 1e3:8.1f} ms  ({_ms(ttfts)})")
+    ctx = DECODE_CONTEXTS[0]
+    for batch in DECODE_BATCHES:
+        prompts = [random_prompt(rng, ctx) for _ in range(batch)]
+        timings, _wall = await run_batch(
+            client, prompts, max_tokens=DECODE_TOKENS, concurrency=batch, model=LORA_NAME
+        )
+        itl = median([g for t in timings for g in t.gaps_s])
+        features = decode_features(batch, ctx + DECODE_TOKENS / 2)
+        obs.append(Observation("lora-decode", f"lora B={batch} ctx={ctx}", features, itl, batch))
+        print(f"LoRA decode B={batch} ctx={ctx:4d}: step median {itl * 1e3:7.2f} ms")
     return obs
 
 
@@ -128,15 +167,17 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return x
 
 
-def fit_nnls(obs: Sequence[Observation]) -> list[float]:
-    """Relative-error least squares with non-negative coefficients (active-set pruning).
+def fit_nnls(
+    features: Sequence[Sequence[float]], targets: Sequence[float], weights: Sequence[float]
+) -> list[float]:
+    """Weighted least squares with non-negative coefficients (active-set pruning).
 
     Columns are scaled to unit norm before solving so that coefficients spanning six orders of
-    magnitude (c_attn ~1e-9 s vs c0 ~1e-2 s) stay well conditioned.
+    magnitude (c_attn ~1e-7 s vs c0 ~1e-2 s) stay well conditioned.
     """
-    rows = [[f / o.seconds for f in o.features] for o in obs]
-    ys = [1.0] * len(obs)
-    k = len(COEFFS)
+    rows = [[f * w for f in fs] for fs, w in zip(features, weights, strict=True)]
+    ys = [t * w for t, w in zip(targets, weights, strict=True)]
+    k = len(features[0])
     scale = [max(sum(r[j] ** 2 for r in rows) ** 0.5, 1e-300) for j in range(k)]
     active = [j for j in range(k) if any(r[j] for r in rows)]
     for _ in range(k + 1):
@@ -157,6 +198,31 @@ def predict(coef: Sequence[float], features: Sequence[float]) -> float:
     return sum(c * f for c, f in zip(coef, features, strict=True))
 
 
+def fit_all(obs: Sequence[Observation]) -> tuple[list[float], list[float]]:
+    """Base coefficients from base-model steps (relative error), then the LoRA term.
+
+    The LoRA term ``c_lora_step + c_lora_token * L`` is fitted to the extra time the same
+    steps take through the adapter, over what the base fit predicts.
+    """
+    base = [o for o in obs if o.lora_tokens == 0]
+    coef = fit_nnls(
+        [o.features for o in base], [o.seconds for o in base], [1 / o.seconds for o in base]
+    )
+    lora = [o for o in obs if o.lora_tokens]
+    if not lora:
+        return coef, [0.0, 0.0]
+    extra = [o.seconds - predict(coef, o.features) for o in lora]
+    lora_coef = fit_nnls(
+        [(1.0, float(o.lora_tokens)) for o in lora], extra, [1 / o.seconds for o in lora]
+    )
+    return coef, lora_coef
+
+
+def predict_obs(coef: Sequence[float], lora_coef: Sequence[float], o: Observation) -> float:
+    extra = lora_coef[0] + lora_coef[1] * o.lora_tokens if o.lora_tokens else 0.0
+    return predict(coef, o.features) + extra
+
+
 def engine_log_facts(log_text: str) -> dict[str, str]:
     """KV capacity the engine printed (the profile's num_gpu_blocks must match it / 128).
 
@@ -170,16 +236,13 @@ def engine_log_facts(log_text: str) -> dict[str, str]:
     return facts
 
 
-def update_profile(path: Path, coef: Sequence[float], sources: Sequence[str]) -> dict[str, Any]:
+def update_profile(path: Path, coeffs: dict[str, float], sources: Sequence[str]) -> dict[str, Any]:
     """Rewrite the coefficient fields (and the fit's ``sources`` lines) of the profile JSON."""
     raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    for name, value in zip(COEFFS, coef, strict=True):
+    for name, value in coeffs.items():
         raw[name] = float(f"{value:.6g}")
-    kept = [
-        s
-        for s in raw.get("sources", [])
-        if not s.startswith(("Decode fit", "Prefill fit", "Check:", "Calibrated"))
-    ]
+    replaced = ("Decode fit", "Prefill fit", "Check:", "Calibrated", "LoRA compute")
+    kept = [s for s in raw.get("sources", []) if not s.startswith(replaced)]
     raw["sources"] = kept + list(sources)
     path.write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
     return raw
@@ -210,22 +273,25 @@ def main() -> None:
     args = parser.parse_args()
     home = args.home or Path(os.environ.get("REAL_ENGINE_HOME") or DEFAULT_HOME)
 
+    layout = RealEngineLayout.from_home(home)
     started = time.perf_counter()
-    with start_vllm(RealEngineLayout.from_home(home)) as engine:
+    with start_vllm(layout) as engine:
         startup_s = time.perf_counter() - started
         print(f"real engine healthy after {startup_s:.1f} s ({engine.base_url})")
-        obs = anyio.run(lambda: measure(engine.base_url, seed=args.seed))
+        run = functools.partial(measure, engine.base_url, seed=args.seed, lora_path=layout.lora_dir)
+        obs = anyio.run(run)
         facts = engine_log_facts(engine.log_path.read_text(errors="replace"))
 
-    coef = fit_nnls(obs)
-    print("\nfit: " + ", ".join(f"{n}={c:.4g}" for n, c in zip(COEFFS, coef, strict=True)))
-    print(f"{'point':<18}{'measured ms':>12}{'model ms':>10}{'error':>8}")
+    coef, lora_coef = fit_all(obs)
+    coeffs = dict(zip(COEFFS + LORA_COEFFS, coef + lora_coef, strict=True))
+    print("\nfit: " + ", ".join(f"{n}={c:.4g}" for n, c in coeffs.items()))
+    print(f"{'point':<22}{'measured ms':>12}{'model ms':>10}{'error':>8}")
     rows = []
     for o in obs:
-        pred = predict(coef, o.features)
+        pred = predict_obs(coef, lora_coef, o)
         err = pred / o.seconds - 1
         rows.append({**asdict(o), "predicted_s": pred, "rel_error": err})
-        print(f"{o.label:<18}{o.seconds * 1e3:>12.1f}{pred * 1e3:>10.1f}{err:>+8.1%}")
+        print(f"{o.label:<22}{o.seconds * 1e3:>12.1f}{pred * 1e3:>10.1f}{err:>+8.1%}")
     slope = (obs[3].seconds - obs[0].seconds) / (PREFILL_LENGTHS[3] - PREFILL_LENGTHS[0])
     print(f"prefill slope 128->1024 tokens: {slope * 1e3:.3f} ms/token; engine log: {facts}")
 
@@ -244,19 +310,28 @@ def main() -> None:
             for ctx in DECODE_CONTEXTS
         )
         + " ms; weighted NNLS fit, max error "
-        + f"{max(abs(r['rel_error']) for r in rows):.0%}"
+        + f"{max(abs(r['rel_error']) for r in rows if not r['lora_tokens']):.0%}",
+        "LoRA compute (c_lora_step_s + c_lora_token_s per adapter token), same run, random r=8 "
+        "q/v adapter: extra time over the base fit of TTFT at P="
+        + "/".join(map(str, LORA_PREFILL_LENGTHS))
+        + " = "
+        + "/".join(f"{o.seconds * 1e3:.0f}" for o in obs if o.kind == "lora-prefill")
+        + " ms and decode step at B=1/4/8 = "
+        + "/".join(f"{o.seconds * 1e3:.1f}" for o in obs if o.kind == "lora-decode")
+        + " ms; max error "
+        + f"{max(abs(r['rel_error']) for r in rows if r['lora_tokens']):.0%}",
     ]
     result = {
         "hardware": hardware(),
         "engine_startup_s": startup_s,
         "engine_log": facts,
-        "coefficients": dict(zip(COEFFS, coef, strict=True)),
+        "coefficients": coeffs,
         "observations": rows,
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not args.dry_run:
-        update_profile(args.profile, coef, sources)
+        update_profile(args.profile, coeffs, sources)
         print(f"updated {args.profile}")
     print(f"wrote {args.results}")
 
