@@ -306,20 +306,25 @@ def main() -> None:
         + " ms; decode step at B=1/4/8, ctx "
         + " and ".join(
             f"{ctx}: "
-            + "/".join(f"{o.seconds * 1e3:.1f}" for o in obs if o.label.endswith(f"ctx={ctx}"))
+            + "/".join(
+                f"{o.seconds * 1e3:.1f}"
+                for o in obs
+                if o.kind == "decode" and o.label.endswith(f"ctx={ctx}")
+            )
             for ctx in DECODE_CONTEXTS
         )
         + " ms; weighted NNLS fit, max error "
         + f"{max(abs(r['rel_error']) for r in rows if not r['lora_tokens']):.0%}",
         "LoRA compute (c_lora_step_s + c_lora_token_s per adapter token), same run, random r=8 "
-        "q/v adapter: extra time over the base fit of TTFT at P="
+        "q/v adapter: TTFT via the adapter at P="
         + "/".join(map(str, LORA_PREFILL_LENGTHS))
         + " = "
         + "/".join(f"{o.seconds * 1e3:.0f}" for o in obs if o.kind == "lora-prefill")
-        + " ms and decode step at B=1/4/8 = "
+        + " ms, decode step via the adapter at B=1/4/8 ctx 64 = "
         + "/".join(f"{o.seconds * 1e3:.1f}" for o in obs if o.kind == "lora-decode")
-        + " ms; max error "
-        + f"{max(abs(r['rel_error']) for r in rows if r['lora_tokens']):.0%}",
+        + " ms; least squares of their extra time over the base fit, max error "
+        + f"{max(abs(r['rel_error']) for r in rows if r['lora_tokens']):.0%}"
+        + " (real LoRA prefill grows faster than linearly: the model is low at long prompts)",
     ]
     result = {
         "hardware": hardware(),
