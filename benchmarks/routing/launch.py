@@ -126,6 +126,7 @@ def wait_ready(proc: Proc, urls: Sequence[str], *, timeout_s: float) -> None:
 class EngineCluster:
     proc: Proc
     urls: tuple[str, ...]
+    kv_event_urls: tuple[str, ...] = ()
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -151,13 +152,14 @@ def start_enginesim(
         "--profile", profile,
         "--speed", str(speed),
         "--model", model,
-        *(["--kv-events"] if kv_events else []),
+        *(["--kv-events", "--kv-events-base-port", str(base + engines)] if kv_events else []),
         *extra,
     ]  # fmt: skip
     proc = spawn("enginesim", argv, log_dir)
     urls = tuple(f"http://127.0.0.1:{base + i}" for i in range(engines))
+    kv_urls = tuple(f"tcp://127.0.0.1:{base + engines + i}" for i in range(engines))
     wait_ready(proc, [f"{u}/health" for u in urls], timeout_s=timeout_s)
-    return EngineCluster(proc=proc, urls=urls)
+    return EngineCluster(proc=proc, urls=urls, kv_event_urls=kv_urls if kv_events else ())
 
 
 def start_gateway(

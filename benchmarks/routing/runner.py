@@ -10,7 +10,9 @@ run the engines' ``/metrics`` are scraped for engine-side hit rate and load spli
 
 Contenders (``kind:policy``):
 
-* ``inproc:<policy>`` -- our routing package inside the client (:mod:`.inproc`);
+* ``inproc:<policy>`` -- our routing package inside the client (:mod:`.inproc`), byte blocks;
+* ``inproc-tok:<policy>`` -- the same with the engine's tokenizer: 16-token blocks;
+* ``inproc-kv:<policy>`` -- token blocks plus the engines' KV events (precise index);
 * ``gateway:<policy>`` -- ``switchyard serve`` in front of the engines;
 * ``sglang-router:<policy>``, ``vllm-router:<policy>`` -- peers from their own venvs;
 * ``oracle`` -- computed, not run (:mod:`.oracle`).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from benchmarks.routing.oracle import oracle
 from benchmarks.routing.report import RunSummary, pct, summarize
 from benchmarks.routing.workloads import BenchRequest, WorkloadSpec, generate
 from enginesim.core.profile import load_profile
+from enginesim.server.codec import load_codec
 from routing.metrics_parser import EngineMetrics, MetricsParseError, parse_vllm_metrics
 from routing.registry import builtin_policies
 
@@ -72,7 +75,10 @@ def scrape_all(urls: Sequence[str]) -> dict[str, EngineMetrics]:
 
 
 async def _drive(
-    requests: Sequence[BenchRequest], dispatcher: Dispatcher, cfg: BenchConfig
+    requests: Sequence[BenchRequest],
+    dispatcher: Dispatcher,
+    cfg: BenchConfig,
+    kv_event_urls: Sequence[str] = (),
 ) -> tuple[list[Result], dict[str, Any]]:
     load = partial(
         run_load,
@@ -86,11 +92,16 @@ async def _drive(
         return await load()
     async with httpx.AsyncClient(timeout=5.0) as client, anyio.create_task_group() as tg:
         tg.start_soon(dispatcher.scrape_forever, client, cfg.scrape_interval_s / cfg.speed)
+        for eid, zmq_url in zip(dispatcher.states, kv_event_urls, strict=False):
+            tg.start_soon(dispatcher.consume_kv_events, eid, zmq_url)
+        await anyio.sleep(0.2)  # let SUB sockets connect before the first request
         results, info = await load()
         tg.cancel_scope.cancel()
     route_s = sorted(dispatcher.route_s)
     info["route_us_p50"] = (pct(route_s, 50) or 0.0) * 1e6
     info["route_us_p99"] = (pct(route_s, 99) or 0.0) * 1e6
+    info["index"] = asdict(dispatcher.index.stats())
+    info["kv_feeds"] = {e: asdict(f.stats()) for e, f in dispatcher.feeds.items()}
     return results, info
 
 
@@ -106,14 +117,19 @@ def run_contender(
         speed=cfg.speed,
         model=cfg.model,
         log_dir=log_dir,
+        kv_events=kind == "inproc-kv",
     )
     target: launch.Proc | None = None
     try:
         dispatcher: Dispatcher
-        if kind == "inproc":
+        if kind in ("inproc", "inproc-tok", "inproc-kv"):
             built = builtin_policies()[policy]()
             engines = dict(zip(cluster.ids, cluster.urls, strict=True))
-            dispatcher = InProcRouter(built, engines, model=cfg.model)
+            profile = load_profile(cfg.profile)
+            codec = load_codec(profile) if kind != "inproc" else None
+            dispatcher = InProcRouter(
+                built, engines, model=cfg.model, codec=codec, block_size=profile.block_size
+            )
         elif kind == "gateway":
             target, url = launch.start_gateway(
                 policy=policy, engine_urls=cluster.urls, model=cfg.model, log_dir=log_dir
@@ -127,7 +143,7 @@ def run_contender(
         else:
             raise launch.LaunchError(f"unknown contender kind {kind!r}")
         before = scrape_all(cluster.urls)
-        results, info = anyio.run(_drive, requests, dispatcher, cfg)
+        results, info = anyio.run(_drive, requests, dispatcher, cfg, cluster.kv_event_urls)
         after = scrape_all(cluster.urls)
         return results, info, before, after
     finally:
