@@ -10,7 +10,7 @@ from routing.scorers.prefix_cache import PrefixCacheCost
 from routing.types import RouteRequest
 from tests.routing.helpers import ep, eps
 
-COST = PrefixCacheCost(prefill_s_per_token=1e-4, decode_s_per_request=1e-3)
+COST = PrefixCacheCost(prefill_s_per_token=1e-4, decode_s_per_request=1e-3, recompute_weight=0)
 
 
 def req(prompt: int, blocks: dict[str, int] | None = None, seq: int = 0) -> RouteRequest:
@@ -75,7 +75,12 @@ def test_block_hashes_bound_the_prompt_size() -> None:
 
 @pytest.mark.parametrize(
     "kw",
-    [{"prefill_s_per_token": -1.0}, {"decode_s_per_request": -1.0}, {"kv_threshold": 1.0}],
+    [
+        {"prefill_s_per_token": -1.0},
+        {"decode_s_per_request": -1.0},
+        {"kv_threshold": 1.0},
+        {"recompute_weight": -0.5},
+    ],
 )
 def test_invalid_params(kw: dict[str, float]) -> None:
     with pytest.raises(ValueError):
@@ -97,3 +102,17 @@ def test_explain_names_every_endpoint() -> None:
     assert "e1:hit=160" in decision.details[0]
     assert decision.ranked[0].id == "e1"
     assert policy.choose(req(1000), eps(2)).details == ()
+
+
+@pytest.mark.parametrize(
+    ("weight", "expected_first"),
+    [(0.0, "e0"), (1.0, "e1"), (3.0, "e1")],
+)
+def test_recompute_weight_makes_warm_endpoints_stickier(weight: float, expected_first: str) -> None:
+    # e1 holds 1600 of 2000 tokens but has 2500 prefill tokens queued; e0 is idle and cold.
+    cost = PrefixCacheCost(
+        prefill_s_per_token=1e-4, decode_s_per_request=0, recompute_weight=weight
+    )
+    endpoints = [ep("e0"), ep("e1", prefill_tokens=2500)]
+    scores = cost.score(req(2000, {"e1": 100}), endpoints)
+    assert endpoints[scores.index(max(scores))].id == expected_first
