@@ -179,45 +179,112 @@ class Proxy:
                     )
                 )
                 try:
-                    upstream, chunks, first = await self._open(plan, state, stack)
+                    upstream, chunks = await self._open(plan, state, stack)
+                    if upstream.status_code in self._settings.retry_statuses and not is_last:
+                        self._metrics.upstream_errors.labels(
+                            endpoint=state.id, kind=f"http_{upstream.status_code}"
+                        ).inc()
+                        log.warning("engine %s answered %d; trying the next", state.id,
+                                    upstream.status_code)  # fmt: skip
+                        continue
+                    first = await self._first_chunk(plan, state, upstream, chunks, send, out)
                 except UpstreamError as exc:
-                    self._metrics.upstream_errors.labels(
-                        endpoint=state.id, kind=type(exc).__name__
-                    ).inc()
-                    if isinstance(exc, UpstreamUnavailable):
-                        self._health.apply(state, ok=False, error=exc.message)
-                    log.warning("attempt on %s failed: %s", state.id, exc.message)
+                    self._attempt_failed(state, exc)
+                    if out.started:  # committed by keep-alive comments: end the stream
+                        await self._end_stream(state, exc, send, out)
+                        return
                     last_exc = exc
                     if exc.retryable and not is_last:
                         continue
                     raise
-                if upstream.status_code in self._settings.retry_statuses and not is_last:
-                    self._metrics.upstream_errors.labels(
-                        endpoint=state.id, kind=f"http_{upstream.status_code}"
-                    ).inc()
-                    log.warning("engine %s answered %d; trying the next", state.id,
-                                upstream.status_code)  # fmt: skip
-                    continue
-                out.endpoint_id = state.id
                 await self._relay(plan, state, ticket, upstream, chunks, first, send, out)
                 return
         raise last_exc
 
     async def _open(
         self, plan: ProxyPlan, state: EndpointState, stack: AsyncExitStack
-    ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+    ) -> tuple[httpx.Response, AsyncIterator[bytes]]:
         request = self._client.build_request(
             "POST", state.url + plan.kind.value, content=plan.body, headers=plan.headers
         )
         with map_upstream_errors(state.id):
             upstream = await self._client.send(request, stream=True)
-            stack.push_async_callback(_close_quietly, upstream)
-            chunks = upstream.aiter_raw()
-            first = b""
-            async for first in chunks:
-                if first:
-                    break
-        return upstream, chunks, first
+        stack.push_async_callback(_close_quietly, upstream)
+        return upstream, upstream.aiter_raw()
+
+    async def _first_chunk(
+        self,
+        plan: ProxyPlan,
+        state: EndpointState,
+        upstream: httpx.Response,
+        chunks: AsyncIterator[bytes],
+        send: Send,
+        out: _Outcome,
+    ) -> bytes:
+        """The first body chunk. A stream whose first token takes longer than
+        ``sse_keepalive_s`` is committed to this engine: its headers go out with SSE comments
+        (``: keep-alive``) every interval, so idle timeouts in front of us do not cut it."""
+        interval = self._settings.sse_keepalive_s
+        with map_upstream_errors(state.id):
+            if not (interval > 0 and upstream.status_code == 200 and _is_sse(upstream)):
+                return await _first_nonempty(chunks)
+            box: list[bytes | Exception] = []
+            done = anyio.Event()
+
+            async def read() -> None:
+                try:
+                    box.append(await _first_nonempty(chunks))
+                except Exception as exc:  # re-raised below, in this task
+                    box.append(exc)
+                finally:
+                    done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                while not done.is_set():
+                    with anyio.move_on_after(interval):
+                        await done.wait()
+                    if done.is_set():
+                        break
+                    if not out.started:
+                        out.endpoint_id = state.id
+                        await self._start(plan, state, upstream, send, out)
+                    await send({"type": "http.response.body", "body": b": keep-alive\n\n",
+                                "more_body": True})  # fmt: skip
+            if isinstance(box[0], Exception):
+                raise box[0]
+            return box[0]
+
+    def _attempt_failed(self, state: EndpointState, exc: UpstreamError) -> None:
+        self._metrics.upstream_errors.labels(endpoint=state.id, kind=type(exc).__name__).inc()
+        if isinstance(exc, UpstreamUnavailable):
+            self._health.apply(state, ok=False, error=exc.message)
+        log.warning("engine %s failed: %s", state.id, exc.message)
+
+    async def _end_stream(
+        self, state: EndpointState, exc: GatewayError, send: Send, out: _Outcome
+    ) -> None:
+        """A started SSE response failed: one final error event, no ``[DONE]``."""
+        self._metrics.stream_errors.labels(endpoint=state.id).inc()
+        out.outcome = "upstream_error"
+        if out.sse:
+            await send({"type": "http.response.body", "body": sse_error_event(exc)})
+        # Non-SSE: return without finishing; the server closes the connection.
+
+    async def _start(
+        self,
+        plan: ProxyPlan,
+        state: EndpointState,
+        upstream: httpx.Response,
+        send: Send,
+        out: _Outcome,
+    ) -> None:
+        """Send the response head (status and headers); from here on we cannot fail over."""
+        sse = _is_sse(upstream)
+        headers = _response_headers(plan, state, upstream, sse=sse)
+        await send({"type": "http.response.start", "status": upstream.status_code,
+                    "headers": headers})  # fmt: skip
+        out.status, out.started, out.sse = upstream.status_code, True, sse
 
     async def _relay(
         self,
@@ -230,33 +297,25 @@ class Proxy:
         send: Send,
         out: _Outcome,
     ) -> None:
-        """Commit to this engine: headers, then every chunk as it comes, then accounting."""
-        out.status = upstream.status_code
-        sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        """Commit to this engine: head, then every chunk as it comes, then accounting."""
+        out.endpoint_id = state.id
+        sse = _is_sse(upstream)
         if sse:
             out.ttft_s = time.perf_counter() - plan.started
             state.engine.first_token(ticket, ttft_s=out.ttft_s)
-        await send({"type": "http.response.start", "status": upstream.status_code,
-                    "headers": _response_headers(plan, state, upstream, sse=sse)})  # fmt: skip
-        out.started, out.sse = True, sse
+        if not out.started:
+            await self._start(plan, state, upstream, send, out)
         if first:
             await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
             kept = await self._pump(state, ticket, chunks, send, first=first, sse=sse)
         except UpstreamError as exc:
-            self._metrics.upstream_errors.labels(endpoint=state.id, kind=type(exc).__name__).inc()
-            self._metrics.stream_errors.labels(endpoint=state.id).inc()
-            out.outcome = "upstream_error"
-            log.warning("engine %s failed mid-response: %s", state.id, exc.message)
-            if sse:
-                await send({"type": "http.response.body", "body": sse_error_event(exc)})
-            # Non-SSE: return without finishing; the server closes the connection.
+            self._attempt_failed(state, exc)
+            await self._end_stream(state, exc, send, out)
             return
         if sse and upstream.status_code == 200 and not stream_completed(kept):
             cut = UpstreamError(f"engine {state.id} ended the stream without [DONE]")
-            self._metrics.stream_errors.labels(endpoint=state.id).inc()
-            out.outcome = "upstream_error"
-            await send({"type": "http.response.body", "body": sse_error_event(cut)})
+            await self._end_stream(state, cut, send, out)
             return
         await send({"type": "http.response.body", "body": b""})
         if upstream.status_code == 200 and (sse or len(kept) <= BODY_BYTES):
@@ -321,6 +380,18 @@ class Proxy:
                 observer.on_request_finished(record)
             except Exception:
                 log.exception("request observer %r failed", observer)
+
+
+def _is_sse(response: httpx.Response) -> bool:
+    content_type: str = response.headers.get("content-type", "")
+    return content_type.startswith("text/event-stream")
+
+
+async def _first_nonempty(chunks: AsyncIterator[bytes]) -> bytes:
+    async for chunk in chunks:
+        if chunk:
+            return chunk
+    return b""
 
 
 def _response_headers(

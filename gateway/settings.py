@@ -68,6 +68,9 @@ class ProxySettings(_Section):
     max_keepalive_connections: int = Field(default=256, ge=0)
     keepalive_expiry_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=2, ge=1, le=8)
+    # A stream still waiting for its first token after this long is committed to its engine
+    # and gets ": keep-alive" SSE comments at this interval (0 disables).
+    sse_keepalive_s: float = Field(default=10.0, ge=0)
     # Whole-request deadline (read_timeout_s only bounds the gap between chunks).
     total_timeout_s: float = Field(default=900.0, gt=0)
     retry_statuses: tuple[int, ...] = (500, 502, 503, 504)

@@ -128,8 +128,12 @@ class FakeEngine:
             err = {"error": {"message": f"{self.name} fails", "type": "Injected", "code": status}}
             await _send_json(send, status, err)
             return
-        await anyio.sleep(float(knobs["ttft"]))
         n = int(knobs["tokens"])
+        if body.get("stream"):
+            # Like vLLM (a Starlette StreamingResponse): headers first, then the first token.
+            await self._stream(send, body, knobs, path == "/v1/chat/completions", n)
+            return
+        await anyio.sleep(float(knobs["ttft"]))
         if path == "/v1/embeddings":
             vectors = [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}]
             usage = {"prompt_tokens": 1, "total_tokens": 1}
@@ -137,21 +141,18 @@ class FakeEngine:
             await _send_json(send, 200, payload)
             return
         chat = path == "/v1/chat/completions"
-        if not body.get("stream"):
-            text = "".join(f"tok{i} " for i in range(n))
-            choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": "length"}
-                if chat else {"index": 0, "text": text, "finish_reason": "length"}
-            )  # fmt: skip
-            usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
-            await _send_json(send, 200, {
-                "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": body["model"], "choices": [choice],
-                "usage": usage,
-            })  # fmt: skip
-            return
-        await self._stream(send, body, knobs, chat, n)
+        text = "".join(f"tok{i} " for i in range(n))
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": text},
+             "finish_reason": "length"}
+            if chat else {"index": 0, "text": text, "finish_reason": "length"}
+        )  # fmt: skip
+        usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+        await _send_json(send, 200, {
+            "id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": body["model"], "choices": [choice],
+            "usage": usage,
+        })  # fmt: skip
 
     async def _stream(
         self, send: Send, body: dict[str, Any], knobs: dict[str, Any], chat: bool, n: int
@@ -160,6 +161,7 @@ class FakeEngine:
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"x-fake-engine", self.name.encode())]})  # fmt: skip
         obj = "chat.completion.chunk" if chat else "text_completion"
+        await anyio.sleep(float(knobs["ttft"]))
 
         def event(choices: list[dict[str, Any]], usage: Any = None) -> Message:
             data = {"id": "cmpl-fake", "object": obj, "created": 1, "model": body["model"],

@@ -194,3 +194,40 @@ def test_in_flight_counts_return_to_zero_after_every_outcome(
     metrics = client.get(f"{gw.url}/metrics").text
     assert "switchyard_proxy_in_flight_requests{" in metrics
     assert _in_flight(metrics) == 0
+
+
+def test_slow_first_token_gets_keepalive_comments_and_sdk_ignores_them(
+    start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
+) -> None:
+    import openai
+
+    ((_, srv),) = start_engines(1)
+    gw = start_gateway([srv.url], proxy={"sse_keepalive_s": 0.1})
+    body = {**CHAT, "stream": True, "max_tokens": 3, "fake": {"ttft": 0.6}}
+    resp = client.post(f"{gw.url}/v1/chat/completions", json=body)
+    lines = [line for line in resp.text.split("\n") if line]
+    assert lines[0] == ": keep-alive"  # before any data
+    assert _events(resp.text)[-1] == "[DONE]"
+    with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as sdk:
+        stream = sdk.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=3,
+            stream=True, extra_body={"fake": {"ttft": 0.4}},
+        )  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "tok0 tok1 tok2 "
+
+
+def test_engine_failing_after_keepalive_commit_ends_with_error_event(
+    start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
+) -> None:
+    engines = start_engines(2)
+    gw = start_gateway([s.url for _, s in engines], proxy={"sse_keepalive_s": 0.1})
+    body = {"model": "fake-model", "prompt": "x", "stream": True,
+            "fake": {"ttft": 0.5, "cut_after": 0}}  # fmt: skip
+    resp = client.post(f"{gw.url}/v1/completions", json=body)
+    assert resp.status_code == 200
+    assert resp.text.startswith(": keep-alive\n\n")
+    events = _events(resp.text)
+    assert len(events) == 1 and json.loads(events[0])["error"]["code"] == "upstream_unavailable"
+    # Committed to the first engine: no silent second attempt after bytes were sent.
+    assert sum(e.requests for e, _ in engines) == 1
