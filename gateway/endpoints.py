@@ -56,12 +56,24 @@ class EndpointState:
         "last_error",
         "models",
         "static_models",
+        "upstream_headers",
         "url",
     )
 
-    def __init__(self, endpoint_id: str, url: str, static_models: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        endpoint_id: str,
+        url: str,
+        static_models: Iterable[str] = (),
+        *,
+        api_key: str | None = None,
+    ) -> None:
         self.id = endpoint_id
         self.url = url
+        # Sent with every request to this engine (vLLM's --api-key); never logged or shown.
+        self.upstream_headers: dict[str, str] = (
+            {"authorization": f"Bearer {api_key}"} if api_key else {}
+        )
         self.engine = EngineState(endpoint_id, url)
         self.static_models = tuple(static_models)
         self.models: tuple[ModelCard, ...] = ()
@@ -142,12 +154,17 @@ class EndpointRegistry:
         self._seq = 0
 
     def add(
-        self, url: str, *, endpoint_id: str | None = None, models: Iterable[str] = ()
+        self,
+        url: str,
+        *,
+        endpoint_id: str | None = None,
+        models: Iterable[str] = (),
+        api_key: str | None = None,
     ) -> EndpointState:
         eid = endpoint_id or default_endpoint_id(url)
         if eid in self._states:
             raise KeyError(f"endpoint {eid!r} already registered")
-        state = EndpointState(eid, url.rstrip("/"), models)
+        state = EndpointState(eid, url.rstrip("/"), models, api_key=api_key)
         self._states[eid] = state
         return state
 

@@ -82,11 +82,16 @@ class HealthChecker:
         cards: list[ModelCard] | None = None
         try:
             with anyio.fail_after(timeout * 2):
-                resp = await self._client.get(f"{state.url}/health", timeout=timeout)
+                headers = state.upstream_headers
+                resp = await self._client.get(
+                    f"{state.url}/health", timeout=timeout, headers=headers
+                )
                 if resp.status_code != 200:
                     error = f"/health returned {resp.status_code}"
                 else:
-                    models = await self._client.get(f"{state.url}/v1/models", timeout=timeout)
+                    models = await self._client.get(
+                        f"{state.url}/v1/models", timeout=timeout, headers=headers
+                    )
                     if models.status_code == 200:
                         cards = parse_model_cards(orjson.loads(models.content))
         except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError) as exc:

@@ -204,8 +204,11 @@ class Proxy:
     async def _open(
         self, plan: ProxyPlan, state: EndpointState, stack: AsyncExitStack
     ) -> tuple[httpx.Response, AsyncIterator[bytes]]:
+        headers = (
+            {**plan.headers, **state.upstream_headers} if state.upstream_headers else plan.headers
+        )
         request = self._client.build_request(
-            "POST", state.url + plan.kind.value, content=plan.body, headers=plan.headers
+            "POST", state.url + plan.kind.value, content=plan.body, headers=headers
         )
         with map_upstream_errors(state.id):
             upstream = await self._client.send(request, stream=True)

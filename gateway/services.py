@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from gateway.endpoints import EndpointRegistry
+from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy, RequestObserver
@@ -125,5 +125,6 @@ def make_policies(settings: Settings) -> dict[str, Policy]:
     return policies
 
 
-def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> None:
-    endpoints.add(engine.url, endpoint_id=engine.id, models=engine.models)
+def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> EndpointState:
+    key = engine.api_key.get_secret_value() if engine.api_key else None
+    return endpoints.add(engine.url, endpoint_id=engine.id, models=engine.models, api_key=key)

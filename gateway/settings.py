@@ -37,6 +37,7 @@ class EngineConfig(_Section):
     url: str
     id: str | None = None
     models: tuple[str, ...] = ()
+    api_key: SecretStr | None = None  # the engine's own key (vLLM --api-key), if it has one
 
     @field_validator("url")
     @classmethod

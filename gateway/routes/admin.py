@@ -38,7 +38,7 @@ async def list_engines(request: Request) -> JSONBytes:
 async def add(request: Request, engine: EngineConfig) -> JSONBytes:
     services = _admin(request)
     try:
-        state = services.endpoints.add(engine.url, endpoint_id=engine.id, models=engine.models)
+        state = add_engine(services.endpoints, engine)
     except KeyError as exc:
         raise InvalidField(str(exc.args[0]), param="id") from exc
     await services.health.probe(state)

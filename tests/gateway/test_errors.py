@@ -186,3 +186,20 @@ def test_garbage_on_the_socket_does_not_hurt_the_gateway(
         sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         sock.recv(1024)
     assert client.post(f"{gw.url}/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_engine_api_key_is_sent_upstream_and_client_key_is_not(
+    start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
+) -> None:
+    from gateway.settings import EngineConfig
+
+    ((engine, srv),) = start_engines(1)
+    gw = start_gateway(
+        [], engines=[EngineConfig(url=srv.url, api_key="engine-key")], api_keys=["sk-client"]
+    )
+    ok = client.post(f"{gw.url}/v1/chat/completions", json=CHAT,
+                     headers={"authorization": "Bearer sk-client"})  # fmt: skip
+    assert ok.status_code == 200
+    assert engine.headers[-1]["authorization"] == "Bearer engine-key"
+    probes = client.get(f"{gw.url}/admin/engines", headers={"authorization": "Bearer sk-client"})
+    assert "engine-key" not in probes.text
