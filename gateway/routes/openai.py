@@ -20,7 +20,7 @@ from gateway.parsing import Kind, RequestFields, parse_request
 from gateway.proxy import ProxyPlan
 from gateway.responses import JSONBytes
 from gateway.services import Services
-from routing import NoEndpointError, Policy, RouteRequest
+from routing import Decision, NoEndpointError, Policy, RouteRequest
 
 router = APIRouter()
 
@@ -91,6 +91,7 @@ async def _proxy(request: Request, kind: Kind) -> Response:
     fields: RequestFields = parse_request(body, kind)
     model, adapter, listed = _resolve_model(services, fields.model)
     policy = _policy(request, services)
+    debug = services.settings.routing.debug_header
     route = RouteRequest(
         model=model,
         seq=services.endpoints.next_seq(),
@@ -101,7 +102,7 @@ async def _proxy(request: Request, kind: Kind) -> Response:
         stream=fields.stream,
     )
     try:
-        decision = policy.choose(route, services.endpoints.snapshots())
+        decision = policy.choose(route, services.endpoints.snapshots(), explain=debug)
     except NoEndpointError as exc:
         raise NoHealthyEndpoint(
             f"no healthy engine serves model `{fields.model}` (filter: {exc.reason})"
@@ -116,9 +117,16 @@ async def _proxy(request: Request, kind: Kind) -> Response:
         decision=decision,
         started=started,
         model_label=fields.model if listed else "other",
-        route_header=decision.explain() if services.settings.routing.debug_header else None,
+        route_header=_explain(decision) if debug else None,
     )
     return services.proxy.response(plan)
+
+
+def _explain(decision: Decision) -> str:
+    """``x-switchyard-route``: scores, then each plugin's breakdown (header-safe, bounded)."""
+    text = " ".join((decision.explain(), *decision.details))
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text.encode("latin-1", "replace").decode("latin-1")[:2048]
 
 
 @router.post("/v1/chat/completions")
