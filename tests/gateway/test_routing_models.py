@@ -162,3 +162,28 @@ def test_metrics_exposition(
     ):
         assert needle in text, needle
     assert 'model="nope"' not in text  # unknown models never become label values
+
+
+def test_model_ids_with_slashes_and_unhealthy_only_models(
+    start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
+) -> None:
+    engines = start_engines(2)
+    engines[0][0].models = ["org/model-a"]
+    engines[1][0].models = ["org/model-b"]
+    gw = start_gateway([srv.url for _, srv in engines])
+    assert client.get(f"{gw.url}/v1/models/org/model-a").json()["id"] == "org/model-a"
+    body = {**CHAT, "model": "org/model-b"}
+    assert client.post(f"{gw.url}/v1/chat/completions", json=body).status_code == 200
+    engines[1][0].health_status = 503
+    engine_b = engines[1][1].url.removeprefix("http://")
+
+    def b_health() -> str:
+        ready = client.get(f"{gw.url}/ready").json()
+        return str(next(e["health"] for e in ready["engines"] if e["id"] == engine_b))
+
+    assert wait_until(lambda: b_health() == "unhealthy")
+    # Known model, but only on an unhealthy engine: 503 (try later), not 404.
+    resp = client.post(f"{gw.url}/v1/chat/completions", json=body)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_healthy_endpoint"
+    assert "org/model-b" not in [m["id"] for m in client.get(f"{gw.url}/v1/models").json()["data"]]
+    assert client.get(f"{gw.url}/v1/models/org/model-b").status_code == 404
