@@ -203,7 +203,7 @@ def test_slow_first_token_gets_keepalive_comments_and_sdk_ignores_them(
 
     ((_, srv),) = start_engines(1)
     gw = start_gateway([srv.url], proxy={"sse_keepalive_s": 0.1})
-    body = {**CHAT, "stream": True, "max_tokens": 3, "fake": {"ttft": 0.6}}
+    body = {**CHAT, "stream": True, "max_tokens": 3, "fake": {"ttft": 1.5}}
     resp = client.post(f"{gw.url}/v1/chat/completions", json=body)
     lines = [line for line in resp.text.split("\n") if line]
     assert lines[0] == ": keep-alive"  # before any data
@@ -211,7 +211,7 @@ def test_slow_first_token_gets_keepalive_comments_and_sdk_ignores_them(
     with openai.OpenAI(base_url=f"{gw.url}/v1", api_key="x", max_retries=0) as sdk:
         stream = sdk.chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "x"}], max_tokens=3,
-            stream=True, extra_body={"fake": {"ttft": 0.4}},
+            stream=True, extra_body={"fake": {"ttft": 1.0}},
         )  # fmt: skip
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "tok0 tok1 tok2 "
@@ -223,7 +223,7 @@ def test_engine_failing_after_keepalive_commit_ends_with_error_event(
     engines = start_engines(2)
     gw = start_gateway([s.url for _, s in engines], proxy={"sse_keepalive_s": 0.1})
     body = {"model": "fake-model", "prompt": "x", "stream": True,
-            "fake": {"ttft": 0.5, "cut_after": 0}}  # fmt: skip
+            "fake": {"ttft": 1.5, "cut_after": 0}}  # fmt: skip
     resp = client.post(f"{gw.url}/v1/completions", json=body)
     assert resp.status_code == 200
     assert resp.text.startswith(": keep-alive\n\n")
