@@ -67,8 +67,8 @@ def _policy(request: Request, services: Services) -> Policy:
     policy = services.policies.get(name)
     if policy is None:
         known = ", ".join(sorted(services.policies))
-        shown = name[:64]
-        raise InvalidField(f"unknown routing policy {shown!r}; known: {known}", param=ROUTING_HEADER)
+        message = f"unknown routing policy {name[:64]!r}; known: {known}"
+        raise InvalidField(message, param=ROUTING_HEADER)
     return policy
 
 
