@@ -89,3 +89,23 @@ def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:
 
 def test_wait_until_is_bounded() -> None:
     assert wait_until(lambda: False, timeout=0.05) is False
+
+
+def test_serve_on_a_busy_port_fails_with_one_clear_line(tmp_path: Path) -> None:
+    import socket
+
+    config = tmp_path / "s.yaml"
+    config.write_text("engines: []\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [SWITCHYARD, "serve", "--config", str(config), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"switchyard: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
