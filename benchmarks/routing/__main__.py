@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", type=int, default=4)
     p.add_argument("--max-requests", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1, help="repeat each step; report the median")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         engines=args.engines,
         speed=args.speed or 2.0,
         seed=args.seed,
+        rounds=max(1, args.rounds),
         max_requests=args.max_requests or (750 if full else 150),
         probe_requests=300 if full else 80,
         max_run_wall_s=900.0 if full else 120.0,

@@ -5,7 +5,9 @@ For each workload a saturation probe first finds the highest Poisson rate
 ladder is fractions of that. Then, per
 (workload, load) step, every contender replays the *same* request list (same prompts, same
 arrival times) against a *fresh* enginesim cluster (caches start cold for everyone), with the
-contender order rotated per step so no contender always runs first. Between start and end of a
+contender order rotated per step so no contender always runs first. With ``rounds`` > 1 each
+step is repeated (order rotated again) and the round with the median TTFT p90 is reported,
+every round's numbers kept in ``extra["rounds"]``. Between start and end of a
 run the engines' ``/metrics`` are scraped for engine-side hit rate and load split.
 
 Contenders (``kind:policy``):
@@ -58,6 +60,7 @@ class BenchConfig:
     max_requests: int = 150
     probe_requests: int = 80
     probe_steps: int = 8
+    rounds: int = 1
     max_run_wall_s: float = 120.0
     scrape_interval_s: float = 0.5
     log_dir: Path = Path("results/routing-logs")
@@ -236,34 +239,43 @@ def run_benchmark(cfg: BenchConfig) -> tuple[list[RunSummary], dict[str, Any]]:
             rate = sat * frac
             requests = generate(workload, cfg.spec, rate=rate, seed=cfg.seed)
             requests = _truncate(requests, cfg.max_requests)
-            order = list(cfg.contenders)
-            step += 1
-            order = order[step % len(order) :] + order[: step % len(order)]
             reference: list[Result] | None = None
-            for contender in order:
-                if contender == "oracle":
-                    continue
-                tag = f"{workload}-{frac:.2f}-{contender.replace(':', '-')}"
-                try:
-                    results, info, before, after = run_contender(contender, requests, cfg, tag)
-                except (launch.LaunchError, KeyError) as exc:
-                    print(f"  skip {contender}: {exc}"[:300], flush=True)
-                    meta["skipped"].append({"contender": contender, "reason": str(exc)[:500]})
-                    continue
-                reference = reference or results
-                row = summarize(
-                    workload=workload, contender=contender, rate_rps=rate, fraction=frac,
-                    results=results, speed=cfg.speed, before=before, after=after, extra=info,
-                )  # fmt: skip
-                rows.append(row)
-                print(
-                    f"  {contender:<28} ok {row.ok}/{row.requests} "
-                    f"ttft p90 {(row.ttft_p90_s or 0) * 1e3:.0f} ms hit {row.engine_hit_rate}",
-                    flush=True,
-                )
+            rounds: dict[str, list[RunSummary]] = {}
+            for rnd in range(cfg.rounds):
+                step += 1
+                order = [c for c in cfg.contenders if c != "oracle"]
+                order = order[step % len(order) :] + order[: step % len(order)]
+                for contender in order:
+                    tag = f"{workload}-{frac:.2f}-r{rnd}-{contender.replace(':', '-')}"
+                    try:
+                        results, info, before, after = run_contender(contender, requests, cfg, tag)
+                    except (launch.LaunchError, KeyError) as exc:
+                        print(f"  skip {contender}: {exc}"[:300], flush=True)
+                        meta["skipped"].append({"contender": contender, "reason": str(exc)[-500:]})
+                        continue
+                    reference = reference or results
+                    row = summarize(
+                        workload=workload, contender=contender, rate_rps=rate, fraction=frac,
+                        results=results, speed=cfg.speed, before=before, after=after, extra=info,
+                    )  # fmt: skip
+                    rounds.setdefault(contender, []).append(row)
+                    print(
+                        f"  r{rnd} {contender:<28} ok {row.ok}/{row.requests} ttft p90 "
+                        f"{(row.ttft_p90_s or 0) * 1e3:.0f} ms hit {row.engine_hit_rate}",
+                        flush=True,
+                    )
+            rows.extend(median_run(runs) for runs in rounds.values())
             if "oracle" in cfg.contenders and reference is not None:
                 rows.append(oracle_row(workload, rate, frac, requests, reference, cfg))
     return rows, meta
+
+
+def median_run(runs: Sequence[RunSummary]) -> RunSummary:
+    """The round whose TTFT p90 is the median, carrying every round's p50/p90 in ``extra``."""
+    ordered = sorted(runs, key=lambda r: r.ttft_p90_s if r.ttft_p90_s is not None else 1e18)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    rounds = [{"ttft_p50_s": r.ttft_p50_s, "ttft_p90_s": r.ttft_p90_s} for r in runs]
+    return replace(chosen, extra={**chosen.extra, "rounds": rounds})
 
 
 def _truncate(requests: list[BenchRequest], n: int) -> list[BenchRequest]:

@@ -186,3 +186,18 @@ def test_oracle_bounds() -> None:
     assert idle_ttft_s(profile, 4000, 0) > idle_ttft_s(profile, 4000, 3200) > 0
     rows = oracle(requests, [500] * len(requests), profile=profile, model="m")
     assert all(o.cached_tokens % profile.block_size == 0 for o in rows)
+
+
+def test_median_run_picks_the_median_p90_round() -> None:
+    from dataclasses import replace as dc_replace
+
+    from benchmarks.routing.runner import median_run
+
+    base = summarize(
+        workload="w", contender="c", rate_rps=1.0, fraction=0.5, results=[], speed=1.0,
+        before={}, after={},
+    )  # fmt: skip
+    runs = [dc_replace(base, ttft_p90_s=v) for v in (0.3, None, 0.1, 0.2)]
+    chosen = median_run(runs)
+    assert chosen.ttft_p90_s == 0.2
+    assert [r["ttft_p90_s"] for r in chosen.extra["rounds"]] == [0.3, None, 0.1, 0.2]
