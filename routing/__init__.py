@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from routing.fairness import VirtualTokenCounters
+from routing.metrics_parser import EngineMetrics, MetricsParseError, parse_vllm_metrics
 from routing.policy import Decision, NoEndpointError, Policy
 from routing.registry import (
     ProfileError,
@@ -10,6 +12,7 @@ from routing.registry import (
     builtin_plugins,
     builtin_policies,
 )
+from routing.state import EngineState, Ticket
 from routing.types import (
     EndpointSnapshot,
     FairnessView,
@@ -22,16 +25,22 @@ from routing.types import (
 __all__ = [
     "Decision",
     "EndpointSnapshot",
+    "EngineMetrics",
+    "EngineState",
     "FairnessView",
     "Filter",
+    "MetricsParseError",
     "NoEndpointError",
     "Picker",
     "Policy",
     "ProfileError",
     "RouteRequest",
     "Scorer",
+    "Ticket",
+    "VirtualTokenCounters",
     "build_policies",
     "build_profile",
     "builtin_plugins",
     "builtin_policies",
+    "parse_vllm_metrics",
 ]
