@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1, help="repeat each step; report the median")
+    p.add_argument("--probe-requests", type=int, default=None, help="requests per probe step")
+    p.add_argument("--saturation", type=float, default=None,
+                   help="skip the probe: saturation rate in simulated req/s")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         rounds=max(1, args.rounds),
         max_requests=args.max_requests or (750 if full else 150),
-        probe_requests=300 if full else 80,
+        probe_requests=args.probe_requests or (200 if full else 80),
+        saturation_rps=args.saturation,
         max_run_wall_s=900.0 if full else 120.0,
     )
     missing = [c for c in cfg.contenders if c.split(":")[0] in launch.PEER_NAMES

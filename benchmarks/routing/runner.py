@@ -61,6 +61,7 @@ class BenchConfig:
     probe_requests: int = 80
     probe_steps: int = 8
     rounds: int = 1
+    saturation_rps: float | None = None
     max_run_wall_s: float = 120.0
     scrape_interval_s: float = 0.5
     log_dir: Path = Path("results/routing-logs")
@@ -232,7 +233,10 @@ def run_benchmark(cfg: BenchConfig) -> tuple[list[RunSummary], dict[str, Any]]:
     meta: dict[str, Any] = {"config": {**_jsonable(cfg)}, "saturation": {}, "skipped": []}
     step = 0
     for workload in cfg.workloads:
-        sat, probe_info = probe_saturation(workload, cfg)
+        if cfg.saturation_rps is not None:
+            sat, probe_info = cfg.saturation_rps, {"given": True}
+        else:
+            sat, probe_info = probe_saturation(workload, cfg)
         meta["saturation"][workload] = {"rps": sat, **probe_info}
         print(f"[{workload}] saturation ~ {sat:.2f} req/s (simulated)", flush=True)
         for frac in cfg.fractions:
