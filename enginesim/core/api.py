@@ -65,6 +65,10 @@ class StepResult:
     outputs: tuple[RequestOutput, ...] = ()
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
+    # Requests scheduled for the first time in this step (vLLM's SCHEDULED event): the step's
+    # start is their "scheduled" time for queue/prefill/inference metrics. Preemption
+    # re-admissions are not repeated here.
+    first_scheduled_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

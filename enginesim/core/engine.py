@@ -122,7 +122,11 @@ class EngineCore:
         bs = p.block_size
         shape = BatchShape()
         finished: list[RequestState] = []
+        first_scheduled: list[str] = []
         for state, n in sched.items:
+            if not state.scheduled:
+                state.scheduled = True
+                first_scheduled.append(state.request_id)
             start = state.num_computed
             if n == 1 and state.output and start == state.num_tokens - 1:
                 shape.add_decode(start + 1)
@@ -146,6 +150,7 @@ class EngineCore:
             outputs=tuple(outputs),
             num_prefill_tokens=shape.prefill_tokens,
             num_decode_tokens=shape.num_decodes,
+            first_scheduled_ids=tuple(first_scheduled),
         )
 
     def stats(self) -> EngineStats:

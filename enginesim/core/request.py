@@ -85,6 +85,7 @@ class RequestState:
         "stop_ids",
         "num_preemptions",
         "counted",
+        "scheduled",
     )
 
     def __init__(self, req: SimRequest, *, stream: TokenStream, adapter_size: int = 0) -> None:
@@ -106,6 +107,8 @@ class RequestState:
         self.num_preemptions = 0
         # Whether this request's prefix lookup was already counted in the stats.
         self.counted = False
+        # Whether it was ever scheduled (reported once in ``StepResult.first_scheduled_ids``).
+        self.scheduled = False
 
     @property
     def num_tokens(self) -> int:

@@ -13,9 +13,14 @@ steps. When the host falls more than ``MAX_LAG_S`` wall seconds behind, the cloc
 (simulated time pauses for the excess): the run gets slower than ``speed`` but step times, TTFT
 and ITL stay what the model says instead of absorbing host overhead x ``speed``.
 
-Queue and prefill times: the core API does not report when a request was first scheduled, so the
-queue time is measured up to the start of the step that produced the first token and the prefill
-time is that step's duration (exact for prompts that fit one chunk).
+Queue and prefill times follow vLLM's ``RequestStateStats``: the core reports the ids it
+scheduled for the first time in each step (``StepResult.first_scheduled_ids``); that step's start
+is the request's ``scheduled`` time. Queue time = scheduled - arrival, prefill time = first token
+- scheduled, inference time = finish - scheduled (a preemption does not reset it, as in vLLM).
+
+Per-parent metrics (``vllm:request_params_n``, ``vllm:request_max_num_generation_tokens``): the
+n choices of one prompt share a :class:`ParentGroup` (vLLM's ``ParentRequest``); both histograms
+are observed once, when its last submitted child finishes.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 from enginesim.core.api import EngineCoreAPI, FinishReason, KVEvent, SimRequest, StepResult
 from enginesim.server.metrics import EngineMetrics
 
-__all__ = ["Delivery", "EngineDriver"]
+__all__ = ["Delivery", "EngineDriver", "ParentGroup"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +54,21 @@ class Delivery:
 
 
 @dataclass(slots=True)
+class ParentGroup:
+    """The ``n`` choices of one prompt (vLLM's ``ParentRequest``); held only by its tracks."""
+
+    n: int
+    pending: int = 0
+    max_generation_tokens: int = 0
+
+
+@dataclass(slots=True)
 class _Track:
     arrival: float
     prompt_len: int
+    max_tokens: int
     queue: asyncio.Queue[Delivery]
+    parent: ParentGroup | None = None
     scheduled: float | None = None
     first_time: float | None = None
     last_time: float | None = None
@@ -104,13 +120,22 @@ class EngineDriver:
     def num_inflight(self) -> int:
         return len(self._tracks)
 
-    def submit(self, req: SimRequest) -> asyncio.Queue[Delivery]:
-        """Add ``req`` to the core; outputs arrive on the returned queue (max_tokens + 2 slots)."""
+    def submit(
+        self, req: SimRequest, *, parent: ParentGroup | None = None
+    ) -> asyncio.Queue[Delivery]:
+        """Add ``req`` to the core; outputs arrive on the returned queue (max_tokens + 2 slots).
+
+        ``parent``: the group of the n choices ``req`` belongs to (None: a lone request, n = 1).
+        """
         if self.dead_reason is not None:
             raise RuntimeError(self.dead_reason)
         queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=req.max_tokens + 2)
         self.core.add_request(req)
-        self._tracks[req.request_id] = _Track(req.arrival_time, len(req.prompt_token_ids), queue)
+        if parent is not None:
+            parent.pending += 1
+        self._tracks[req.request_id] = _Track(
+            req.arrival_time, len(req.prompt_token_ids), req.max_tokens, queue, parent
+        )
         self._wake.set()
         return queue
 
@@ -174,18 +199,26 @@ class EngineDriver:
 
     def _deliver(self, res: StepResult, *, start: float, end: float) -> None:
         m = self._metrics
+        for rid in res.first_scheduled_ids:
+            scheduled = self._tracks.get(rid)
+            if scheduled is not None and scheduled.scheduled is None:
+                scheduled.scheduled = max(scheduled.arrival, start)
+        iteration_tokens = 0
         for out in res.outputs:
             track = self._tracks.get(out.request_id)
             if track is None:  # aborted while the step ran
                 continue
+            iteration_tokens += len(out.new_token_ids)
             if out.new_token_ids:
                 if track.first_time is None:
+                    iteration_tokens += track.prompt_len
                     track.first_time = end
-                    track.scheduled = max(track.arrival, start)
+                    if track.scheduled is None:  # a core without first_scheduled_ids
+                        track.scheduled = max(track.arrival, start)
                     m.observe_first_token(
                         ttft=end - track.arrival,
-                        queue_s=max(0.0, start - track.arrival),
-                        prefill_s=end - start,
+                        queue_s=max(0.0, track.scheduled - track.arrival),
+                        prefill_s=end - track.scheduled,
                         cached=out.num_cached_tokens or 0,
                     )
                 elif track.last_time is not None:
@@ -197,6 +230,8 @@ class EngineDriver:
                 self._tracks.pop(out.request_id, None)
                 self._record_finish(track, out.finished, end)
             self._put(out.request_id, track, delivery)
+        if iteration_tokens:  # vLLM: prompt tokens of first-token requests + new tokens
+            m.observe_iteration(iteration_tokens)
 
     def _put(self, request_id: str, track: _Track, delivery: Delivery) -> None:
         try:
@@ -218,7 +253,18 @@ class EngineDriver:
             tpot=tpot,
             prompt_tokens=track.prompt_len,
             generation_tokens=track.num_tokens,
+            max_tokens_param=track.max_tokens,
         )
+        parent = track.parent
+        if parent is None:
+            self._metrics.observe_parent(n=1, max_generation_tokens=track.num_tokens)
+            return
+        parent.pending -= 1
+        parent.max_generation_tokens = max(parent.max_generation_tokens, track.num_tokens)
+        if parent.pending == 0:
+            self._metrics.observe_parent(
+                n=parent.n, max_generation_tokens=parent.max_generation_tokens
+            )
 
     def _die(self, reason: str, now: float) -> None:
         self.dead_reason = reason

@@ -14,6 +14,7 @@ from typing import Any
 from anyio.abc import ObjectSendStream
 
 from enginesim.core.api import SimRequest
+from enginesim.server.driver import ParentGroup
 from enginesim.server.errors import bad_request
 from enginesim.server.runtime import EngineRuntime, TextCodec
 
@@ -60,10 +61,12 @@ class ChoiceResult:
 
 
 def check_context(rt: EngineRuntime, prompt_len: int, max_tokens: int | None) -> int:
-    """vLLM 0.32's length validation; returns the effective max_tokens.
+    """vLLM 0.32's length validation; returns the effective max_tokens (may be < 1).
 
-    ``max_tokens`` above ``max_model_len`` and a prompt that leaves no room are 400s; otherwise
-    ``max_tokens`` is clamped to the room left (vLLM's ``get_max_tokens``), default = the room.
+    ``max_tokens`` above ``max_model_len`` and a prompt longer than ``max_model_len`` are 400s;
+    otherwise ``max_tokens`` is clamped to the room left (vLLM's ``get_max_tokens``), default =
+    the room. A result below 1 (a prompt filling the context, ``max_tokens`` 0 or negative) is
+    rejected afterwards by :func:`enginesim.server.sampling.verify_sampling`, as in vLLM.
     """
     limit = rt.spec.max_model_len
     if max_tokens is not None and max_tokens > limit:
@@ -73,7 +76,7 @@ def check_context(rt: EngineRuntime, prompt_len: int, max_tokens: int | None) ->
             param="max_tokens",
             value=max_tokens,
         )
-    if prompt_len >= limit:
+    if prompt_len > limit:
         shown = min(prompt_len, limit + 1)  # vLLM tokenises with truncation at limit + 1
         raise bad_request(
             f"This model's maximum context length is {limit} tokens. However, your prompt "
@@ -130,8 +133,9 @@ async def run_choice(
     max_tokens: int,
     params: GenParams,
     out: ObjectSendStream[ChoicePiece],
+    parent: ParentGroup | None = None,
 ) -> ChoiceResult:
-    """Run one choice to its end, streaming pieces to ``out``."""
+    """Run one choice to its end, streaming pieces to ``out`` (``parent``: its n-group)."""
     eos = () if params.ignore_eos else rt.spec.eos_token_ids
     req = SimRequest(
         request_id=request_id,
@@ -143,7 +147,7 @@ async def run_choice(
         cache_salt=params.cache_salt,
         stop_token_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
     )
-    queue = rt.driver.submit(req)
+    queue = rt.driver.submit(req, parent=parent)
     holdback = max((len(s) for s in params.stops), default=1) - 1
     detok = IncrementalDetokenizer(rt.codec)
     num_tokens = 0

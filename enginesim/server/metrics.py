@@ -29,6 +29,10 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 
 
+ITERATION_TOKEN_BUCKETS = (1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+                           4096.0, 8192.0, 16384.0)  # fmt: skip
+N_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0)
+
 FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")
 MAX_LORA_SERIES = 256
 
@@ -173,6 +177,15 @@ class EngineMetrics:
                                tok)  # fmt: skip
         self.gen_len = hist("vllm:request_generation_tokens", "Number of generation tokens "
                             "processed.", tok)  # fmt: skip
+        self.iteration_tokens = hist("vllm:iteration_tokens_total", "Histogram of number of "
+                                     "tokens per engine_step.",
+                                     ITERATION_TOKEN_BUCKETS)  # fmt: skip
+        self.max_gen_len = hist("vllm:request_max_num_generation_tokens", "Histogram of maximum "
+                                "number of requested generation tokens.", tok)  # fmt: skip
+        self.params_n = hist("vllm:request_params_n", "Histogram of the n request parameter.",
+                             N_BUCKETS)  # fmt: skip
+        self.params_max_tokens = hist("vllm:request_params_max_tokens", "Histogram of the "
+                                      "max_tokens request parameter.", tok)  # fmt: skip
         for reason in FINISHED_REASONS:
             self.success.labels(model_name, "0", reason)
         # vLLM keeps one series per (running, waiting) label set ever seen, valued with the
@@ -227,8 +240,11 @@ class EngineMetrics:
         tpot: float | None,
         prompt_tokens: int,
         generation_tokens: int,
+        max_tokens_param: int | None = None,
     ) -> None:
         labels = (self.model_name, "0")
+        if max_tokens_param:  # vLLM: the effective (clamped) max_tokens of each child
+            self.params_max_tokens.labels(*labels).observe(max_tokens_param)
         self.success.labels(*labels, reason).inc()
         self.e2e.labels(*labels).observe(e2e)
         self.inference.labels(*labels).observe(inference_s)
@@ -237,6 +253,16 @@ class EngineMetrics:
             self.tpot.labels(*labels).observe(tpot)
         self.prompt_len.labels(*labels).observe(prompt_tokens)
         self.gen_len.labels(*labels).observe(generation_tokens)
+
+    def observe_parent(self, *, n: int, max_generation_tokens: int) -> None:
+        """One finished parent request: its ``n`` and its children's longest output."""
+        labels = (self.model_name, "0")
+        self.params_n.labels(*labels).observe(n)
+        self.max_gen_len.labels(*labels).observe(max_generation_tokens)
+
+    def observe_iteration(self, num_tokens: int) -> None:
+        """One engine step's prompt tokens (first-token requests) plus generated tokens."""
+        self.iteration_tokens.labels(self.model_name, "0").observe(num_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

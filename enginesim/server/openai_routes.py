@@ -18,6 +18,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from enginesim.server.driver import ParentGroup
 from enginesim.server.errors import EngineHTTPError, bad_request, error_body, status_type
 from enginesim.server.generation import (
     ChoicePiece,
@@ -29,9 +30,13 @@ from enginesim.server.generation import (
 )
 from enginesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from enginesim.server.runtime import EngineRuntime
+from enginesim.server.sampling import verify_sampling
 from enginesim.server.sse import Emit, SSEResponse, StreamCrash, wait_disconnect
 
 FORCED_ERROR_HEADER = "x-return-error"
+EMPTY_CONVERSATION_MESSAGE = (
+    "Cannot apply chat template to an empty conversation. Provide at least one message."
+)
 
 __all__ = ["build_openai_router", "chat_prompt_ids", "check_token_ids", "completion_prompts"]
 
@@ -49,9 +54,12 @@ class _Job:
     max_tokens: list[int]
     params: GenParams
     include_usage: bool
+    fingerprint: str
 
 
 def chat_prompt_ids(rt: EngineRuntime, body: ChatCompletionRequest) -> list[int]:
+    if not body.messages:
+        raise bad_request(EMPTY_CONVERSATION_MESSAGE)
     msgs = [(m.role, m.text()) for m in body.messages]
     text = rt.codec.chat_prompt(msgs, add_generation_prompt=body.add_generation_prompt)
     return rt.codec.encode(text, add_special_tokens=False)
@@ -116,6 +124,8 @@ def _job(
     adapter: str | None,
 ) -> _Job:
     max_tokens = [check_context(rt, len(p), body.effective_max_tokens()) for p in prompts]
+    for mt in max_tokens:  # vLLM builds SamplingParams per prompt, after clamping max_tokens
+        verify_sampling(body, mt)
     params = GenParams(
         stops=tuple(body.stop_list()),
         include_stop=body.include_stop_str_in_output,
@@ -129,7 +139,8 @@ def _job(
         kind=kind,
         # vLLM accepts a body ``request_id`` and builds the response id from it; the core's
         # token stream is seeded by it, so a caller can replay a request deterministically.
-        response_id=f"{prefix}-{body.request_id or uuid.uuid4().hex}",
+        # Otherwise 16 hex digits, like vLLM 0.32's ids (``cmpl-9e8d70cf72596131``).
+        response_id=f"{prefix}-{body.request_id or uuid.uuid4().hex[:16]}",
         model=body.model or rt.spec.served_model_name,
         created=int(time.time()),
         prompts=prompts,
@@ -137,6 +148,7 @@ def _job(
         max_tokens=max_tokens,
         params=params,
         include_usage=body.include_usage(),
+        fingerprint=rt.system_fingerprint,
     )
 
 
@@ -151,7 +163,11 @@ async def _run_all(
     send, recv = anyio.create_memory_object_stream[ChoicePiece](max_buffer_size=max(16, total))
 
     async def one(
-        idx: int, ids: list[int], max_tokens: int, out: ObjectSendStream[ChoicePiece]
+        idx: int,
+        ids: list[int],
+        max_tokens: int,
+        parent: ParentGroup,
+        out: ObjectSendStream[ChoicePiece],
     ) -> None:
         async with out:
             rid = f"{job.response_id}-{idx}"
@@ -163,6 +179,7 @@ async def _run_all(
                     prompt_ids=ids,
                     max_tokens=max_tokens,
                     params=job.params,
+                    parent=parent,
                     out=out,
                 )  # fmt: skip
             )
@@ -174,8 +191,9 @@ async def _run_all(
 
     async with anyio.create_task_group() as tg, send:
         for p, ids in enumerate(job.prompts):
+            parent = ParentGroup(job.n)  # vLLM's ParentRequest: one per prompt, n children
             for j in range(job.n):
-                tg.start_soon(one, p * job.n + j, ids, job.max_tokens[p], send.clone())
+                tg.start_soon(one, p * job.n + j, ids, job.max_tokens[p], parent, send.clone())
         tg.start_soon(consume, recv)
     return sorted(results, key=lambda r: r.index)
 
@@ -202,7 +220,7 @@ def _piece_chunk(job: _Job, piece: ChoicePiece) -> bytes:
                   "finish_reason": piece.finish_reason, "token_ids": None}  # fmt: skip
         if last:
             choice["stop_reason"] = None
-        extra = {"system_fingerprint": None} if last and not job.include_usage else {}
+        extra = {"system_fingerprint": job.fingerprint} if last and not job.include_usage else {}
         return _chunk(job, [choice], **extra)
     choice = {"index": piece.index, "text": piece.text, "logprobs": None,
               "finish_reason": piece.finish_reason, "stop_reason": None,
@@ -242,7 +260,7 @@ def _streamer(rt: EngineRuntime, job: _Job) -> Callable[[Emit], Awaitable[None]]
             return
         if job.include_usage:
             usage = _usage(job, results, details=False)
-            await emit(_chunk(job, [], usage=usage, system_fingerprint=None))
+            await emit(_chunk(job, [], usage=usage, system_fingerprint=job.fingerprint))
         await emit(b"data: [DONE]\n\n")
 
     return produce
@@ -270,7 +288,7 @@ def _full_response(job: _Job, results: list[ChoiceResult]) -> dict[str, Any]:
         "model": job.model,
         "choices": choices,
         "service_tier": None,
-        "system_fingerprint": None,
+        "system_fingerprint": job.fingerprint,
         "usage": _usage(job, results, details=True),
         "kv_transfer_params": None,
         "ec_transfer_params": None,

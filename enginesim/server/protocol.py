@@ -1,7 +1,9 @@
 """Wire models (pydantic, edges only) for the simulated engine's vLLM-compatible API.
 
 Unknown fields are ignored like vLLM does (it warns and still returns 200); wrong types fail
-validation and become 400 ``BadRequestError`` (see ``errors.py``).
+validation and become 400 ``Bad Request`` (see ``errors.py``). Value ranges (``n``, ``max_tokens``,
+``temperature``, ...) are *not* pydantic constraints: vLLM checks them after tokenising, in
+``SamplingParams._verify_args``, with its own messages (``enginesim/server/sampling.py``).
 """
 
 from __future__ import annotations
@@ -50,14 +52,20 @@ class _Sampling(_Lenient):
     model: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=128)
-    max_tokens: int | None = Field(default=None, ge=1)
+    n: int = 1
+    max_tokens: int | None = None
+    min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     user: str | None = None
     cache_salt: str | None = None
@@ -75,11 +83,13 @@ class _Sampling(_Lenient):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
 
     def effective_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
 
 
 class CompletionRequest(_Sampling):

@@ -12,13 +12,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import xxhash
+
 from enginesim.server.driver import EngineDriver
 from enginesim.server.errors import EngineHTTPError, model_not_found
 from enginesim.server.faults import FaultInjector
 from enginesim.server.kv_events import KVEventPublisher
 from enginesim.server.metrics import EngineMetrics
 
-__all__ = ["EngineRuntime", "EngineSpec", "ListenerControl", "TextCodec"]
+__all__ = [
+    "VLLM_COMPAT_VERSION",
+    "EngineRuntime",
+    "EngineSpec",
+    "ListenerControl",
+    "TextCodec",
+    "system_fingerprint",
+]
+
+VLLM_COMPAT_VERSION = "0.32.0"
+"""The vLLM release whose API the simulator reproduces (tests/contract records it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +48,16 @@ class EngineSpec:
     max_num_batched_tokens: int = 2048
     vocab_size: int = 32000
     engine_index: int = 0
+
+
+def system_fingerprint(spec: EngineSpec) -> str:
+    """``vllm-0.32.0-<8 hex>`` like vLLM's responses; the hex hashes the served model and root.
+
+    The ``vllm-<version>-`` prefix is kept verbatim because clients (and tests/contract) read the
+    version from it; the 8 hex digits are stable per served model, not vLLM's own value.
+    """
+    digest = xxhash.xxh3_64_hexdigest(f"{spec.served_model_name}\0{spec.model_root}".encode())
+    return f"vllm-{VLLM_COMPAT_VERSION}-{digest[:8]}"
 
 
 class TextCodec(Protocol):
@@ -81,6 +103,11 @@ class EngineRuntime:
     adapters: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     http_inflight: int = 0
+
+    @property
+    def system_fingerprint(self) -> str:
+        """vLLM's ``vllm-<version>-<8 hex>`` shape; the hex is derived from what is served."""
+        return system_fingerprint(self.spec)
 
     def is_ready(self) -> bool:
         return self.driver.now() >= self.spec.cold_start_s

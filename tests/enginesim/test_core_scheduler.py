@@ -121,6 +121,29 @@ def test_fcfs_admission_respects_max_num_seqs_and_budget() -> None:
     assert [(o.request_id, o.finished) for o in res.outputs] == [("r1", "length"), ("r2", None)]
 
 
+def test_first_scheduled_ids_name_each_request_once() -> None:
+    """vLLM's SCHEDULED event: the first step that computes any of a request's tokens."""
+    core = EngineCore(_profile(num_gpu_blocks=100, max_num_seqs=2, max_num_batched_tokens=10))
+    for i in range(3):
+        core.add_request(_req(f"r{i}", tuple(range(10 * i, 10 * i + 6)), max_tokens=2))
+    firsts = [core.step(0.0).first_scheduled_ids for _ in range(4)]
+    # Step 1: r0 whole and r1 a chunk (no output for r1 yet); r2 waits for a free seat.
+    assert firsts == [("r0", "r1"), (), ("r2",), ()]
+
+
+def test_first_scheduled_ids_not_repeated_after_preemption() -> None:
+    core = EngineCore(_profile(num_gpu_blocks=4))
+    core.add_request(_req("a", tuple(range(8)), max_tokens=6))
+    core.add_request(_req("b", tuple(range(100, 108)), max_tokens=6))
+    seen: list[str] = []
+    for _ in range(100):
+        if not core.has_work():
+            break
+        seen.extend(core.step(0.0).first_scheduled_ids)
+    assert core.stats().num_preemptions >= 1
+    assert sorted(seen) == ["a", "b"]
+
+
 def test_unschedulable_request_is_aborted_instead_of_spinning() -> None:
     core = EngineCore(_profile(num_gpu_blocks=2))
     core.add_request(_req("huge", tuple(range(20)), max_tokens=1))  # needs 5 blocks of 4, 2 exist

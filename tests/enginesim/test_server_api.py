@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -291,9 +292,86 @@ def test_bad_input_is_4xx_in_vllm_envelope_and_never_crashes(
     assert http.get("/health").status_code == 200
 
 
-def test_empty_chat_messages_still_answers(http: httpx.Client) -> None:
+def test_empty_chat_messages_is_vllms_400(http: httpx.Client) -> None:
     body = {"model": MODEL, "messages": [], "max_tokens": 2, "ignore_eos": True}
-    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400
+    assert resp.json()["error"] == {
+        "message": "Cannot apply chat template to an empty conversation. Provide at least one "
+        "message.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens",
+         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
+        ({"max_completion_tokens": -3}, "max_tokens",
+         "max_tokens must be at least 1, got -3. (parameter=max_tokens, value=-3)"),
+        ({"n": 0}, None, "n must be at least 1, got 0."),
+        ({"temperature": -0.5}, "temperature",
+         "temperature must be non-negative, got -0.5. (parameter=temperature, value=-0.5)"),
+        ({"top_p": 0}, "top_p", "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"),
+        ({"top_p": 1.5}, "top_p",
+         "top_p must be in (0, 1], got 1.5. (parameter=top_p, value=1.5)"),
+        ({"top_k": -2}, None, "top_k must be 0 (disable), or at least 1, got -2."),
+        ({"min_p": 2}, None, "min_p must be in [0, 1], got 2.0."),
+        ({"presence_penalty": 3}, None, "presence_penalty must be in [-2, 2], got 3.0."),
+        ({"frequency_penalty": -2.5}, None, "frequency_penalty must be in [-2, 2], got -2.5."),
+        ({"repetition_penalty": 0}, None, "repetition_penalty must be greater than zero, got 0.0."),
+        ({"min_tokens": 5, "max_tokens": 2}, None,
+         "min_tokens must be less than or equal to max_tokens=2, got 5."),
+        # n is checked before max_tokens, as in SamplingParams._verify_args.
+        ({"n": 0, "max_tokens": 0}, None, "n must be at least 1, got 0."),
+    ],
+)  # fmt: skip
+def test_sampling_params_are_validated_like_vllm(
+    http: httpx.Client, extra: dict[str, Any], param: str | None, message: str
+) -> None:
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, **extra}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == {
+        "message": message, "type": "BadRequestError", "param": param, "code": 400
+    }  # fmt: skip
+
+
+def test_valid_sampling_edges_are_accepted(http: httpx.Client) -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "top_p": 1,
+            "top_k": -1, "min_p": 0, "presence_penalty": -2, "frequency_penalty": 2,
+            "min_tokens": 2}  # fmt: skip
+    assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_prompt_filling_the_context_is_the_max_tokens_error(http: httpx.Client) -> None:
+    body = {"model": MODEL, "prompt": list(range(100, 2148)), "max_tokens": 5}
+    resp = http.post("/v1/completions", json=body)
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert (err["param"], err["message"]) == (
+        "max_tokens",
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+    )
+
+
+def test_ids_and_fingerprint_have_vllms_shape(http: httpx.Client) -> None:
+    comp = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT,
+                                                   "max_tokens": 1})  # fmt: skip
+    assert re.fullmatch(r"cmpl-[0-9a-f]{16}", comp.json()["id"])
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{16}", chat.json()["id"])
+    fingerprint = comp.json()["system_fingerprint"]
+    assert re.fullmatch(r"vllm-0\.32\.0-[0-9a-f]{8}", fingerprint)
+    assert chat.json()["system_fingerprint"] == fingerprint
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+        chunks, done = _sse(resp.read().decode())
+    assert done and chunks[-1]["system_fingerprint"] == fingerprint
 
 
 def test_bad_json_matches_vllm(http: httpx.Client) -> None:

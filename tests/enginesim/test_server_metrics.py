@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -115,6 +116,51 @@ def test_request_counters_and_histograms_move(http: httpx.Client) -> None:
     assert delta("vllm:request_prompt_tokens_sum") == 50
     assert delta("vllm:e2e_request_latency_seconds_sum") >= delta(
         "vllm:time_to_first_token_seconds_sum"
+    )
+
+
+def _les(fams: dict[str, Any], name: str) -> tuple[float, ...]:
+    return tuple(float(s.labels["le"]) for s in fams[name].samples if s.name == name + "_bucket")
+
+
+def test_request_parameter_histograms_follow_vllm(http: httpx.Client) -> None:
+    """request_params_n / max_num_generation_tokens once per prompt, max_tokens per choice."""
+    before = metric_families(http)
+    _complete(http, prompt=list(range(100, 110)), max_tokens=5, n=3, ignore_eos=True)
+    after = metric_families(http)
+
+    def delta(sample: str) -> float:
+        return sample_value(after, sample) - sample_value(before, sample)
+
+    assert (delta("vllm:request_params_n_count"), delta("vllm:request_params_n_sum")) == (1, 3)
+    assert delta("vllm:request_max_num_generation_tokens_count") == 1
+    assert delta("vllm:request_max_num_generation_tokens_sum") == 5
+    assert delta("vllm:request_params_max_tokens_count") == 3
+    assert delta("vllm:request_params_max_tokens_sum") == 15
+    # Every step delivering tokens is one iteration; the first adds the 3 x 10 prompt tokens.
+    assert delta("vllm:iteration_tokens_total_sum") == 3 * 10 + 3 * 5
+    assert _les(after, "vllm:request_params_n") == (1, 2, 5, 10, 20, float("inf"))
+    assert _les(after, "vllm:iteration_tokens_total") == (
+        1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, float("inf")
+    )  # fmt: skip
+    tok = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, float("inf"))
+    assert _les(after, "vllm:request_params_max_tokens") == tok
+    assert _les(after, "vllm:request_max_num_generation_tokens") == tok
+
+
+def test_prefill_time_starts_when_first_scheduled(http: httpx.Client) -> None:
+    """request_prefill_time = first token - first scheduled step's start (the core reports it)."""
+    prompt = list(range(2000, 2100))
+    core = EngineCore(load_profile("cpu-smollm2"), seed=0)
+    core.add_request(SimRequest("x", tuple(prompt), max_tokens=1, arrival_time=0.0))
+    first = core.step(0.0)
+    assert first.first_scheduled_ids == ("x",)
+    before = metric_families(http)
+    _complete(http, prompt=prompt, max_tokens=1)
+    after = metric_families(http)
+    name = "vllm:request_prefill_time_seconds_sum"
+    assert sample_value(after, name) - sample_value(before, name) == pytest.approx(
+        first.duration_s, rel=1e-9
     )
 
 
