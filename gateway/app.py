@@ -36,6 +36,7 @@ from gateway.responses import error_response
 from gateway.routes import admin, openai, ops
 from gateway.services import Services
 from gateway.settings import Settings
+from gateway.shutdown import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +76,17 @@ def create_app(
     *,
     services: Services | None = None,
     config_path: Path | None = None,
+    inflight: InFlight | None = None,
 ) -> FastAPI:
-    """Build the gateway app; pass ``services`` to use an already-open container."""
+    """Build the gateway app; pass ``services`` to use an already-open container, and
+    ``inflight`` to let the caller end in-flight requests cleanly on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Services]]:
         if services is not None:
             yield {"services": services}
             return
-        async with Services.open(settings, config_path=config_path) as opened:
+        async with Services.open(settings, config_path=config_path, inflight=inflight) as opened:
             yield {"services": opened}
 
     app = FastAPI(

@@ -80,12 +80,12 @@ def serve(
 ) -> None:
     """The gateway in front of the real engines listed in the config file."""
     from gateway.logs import configure_logging
-    from gateway.runner import build_server, serve_gateway
+    from gateway.runner import build_gateway, serve_gateway
 
     path = Path(config)
     settings = _load(path, host=host, port=port)
     configure_logging(settings.log_level, settings.log_format)
-    server = build_server(settings, config_path=path)
+    gateway = build_gateway(settings, config_path=path)
 
     async def started(bound: int) -> None:
         typer.echo(
@@ -93,7 +93,7 @@ def serve(
             f"with {len(settings.engines)} engine(s) from {config}"
         )
 
-    _run(partial(serve_gateway, server, on_started=started))
+    _run(partial(serve_gateway, gateway, on_started=started))
 
 
 @app.command()

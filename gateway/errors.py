@@ -4,6 +4,7 @@
 
     GatewayError (500 server_error)
     ├── Overloaded                  503  code=server_is_overloaded  (concurrency guard)
+    ├── ShuttingDown                503  code=shutting_down         (drain after Ctrl-C)
     ├── ClientError (400 invalid_request_error)
     │   ├── InvalidJSON             400  code=invalid_json
     │   ├── InvalidField            400  code=invalid_value, param set
@@ -63,6 +64,10 @@ class Overloaded(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"retry-after": "1", "retry-after-ms": "1000"}
+
+
+class ShuttingDown(Overloaded):
+    code = "shutting_down"
 
 
 class ClientError(GatewayError):

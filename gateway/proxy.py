@@ -36,6 +36,7 @@ from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.errors import (
     GatewayError,
     NoHealthyEndpoint,
+    ShuttingDown,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -48,6 +49,7 @@ from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import Kind, RequestFields
 from gateway.settings import ProxySettings
+from gateway.shutdown import InFlight
 from gateway.usage import BODY_BYTES, TAIL_BYTES, extract_usage, stream_completed
 from routing import Decision, RouteRequest
 from routing.state import Ticket
@@ -72,7 +74,7 @@ class FinishedRequest:
     adapter: str | None
     stream: bool
     status: int
-    outcome: str  # "ok" | "upstream_error" | "client_disconnect" | "gateway_error"
+    outcome: str  # ok | upstream_error | client_disconnect | gateway_error | gateway_shutdown
     duration_s: float
     ttft_s: float | None
     prompt_tokens_estimate: int
@@ -123,6 +125,7 @@ class Proxy:
         metrics: GatewayMetrics,
         settings: ProxySettings,
         observers: Sequence[RequestObserver] = (),
+        inflight: InFlight | None = None,
     ) -> None:
         self._client = client
         self._endpoints = endpoints
@@ -130,6 +133,7 @@ class Proxy:
         self._metrics = metrics
         self._settings = settings
         self._observers = tuple(observers)
+        self._inflight = inflight if inflight is not None else InFlight()
 
     def response(self, plan: ProxyPlan) -> ProxyResponse:
         return ProxyResponse(self, plan)
@@ -137,6 +141,20 @@ class Proxy:
     async def serve(self, plan: ProxyPlan, send: Send) -> None:
         """Run the attempts and stream the answer; always accounts for the request."""
         out = _Outcome()
+        try:
+            with self._inflight.track() as scope:
+                with scope:
+                    await self._guarded(plan, send, out)
+                if scope.cancelled_caught:  # the gateway is shutting down
+                    await self._end_for_shutdown(send, out)
+        except anyio.get_cancelled_exc_class():
+            out.status, out.outcome = CLIENT_CLOSED, "client_disconnect"
+            raise
+        finally:
+            self._account(plan, out)
+
+    async def _guarded(self, plan: ProxyPlan, send: Send, out: _Outcome) -> None:
+        """The attempts under the whole-request deadline; gateway errors become envelopes."""
         deadline = self._settings.total_timeout_s
         try:
             try:
@@ -154,11 +172,18 @@ class Proxy:
             await send({"type": "http.response.start", "status": exc.status,
                         "headers": error_headers(exc)})  # fmt: skip
             await send({"type": "http.response.body", "body": error_body(exc)})
-        except anyio.get_cancelled_exc_class():
-            out.status, out.outcome = CLIENT_CLOSED, "client_disconnect"
-            raise
-        finally:
-            self._account(plan, out)
+
+    async def _end_for_shutdown(self, send: Send, out: _Outcome) -> None:
+        exc = ShuttingDown("the gateway is shutting down; retry on another replica or later")
+        out.outcome = "gateway_shutdown"
+        if not out.started:
+            out.status = exc.status
+            await send({"type": "http.response.start", "status": exc.status,
+                        "headers": error_headers(exc)})  # fmt: skip
+            await send({"type": "http.response.body", "body": error_body(exc)})
+        elif out.sse:
+            await send({"type": "http.response.body", "body": sse_error_event(exc)})
+        # Non-SSE after the head: return without finishing; the server closes the connection.
 
     async def _attempts(self, plan: ProxyPlan, send: Send, out: _Outcome) -> None:
         ranked = plan.decision.ranked[: self._settings.max_attempts]

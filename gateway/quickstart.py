@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from gateway.runner import build_server, first_model, serve_gateway
+from gateway.runner import build_gateway, first_model, serve_gateway
 from gateway.settings import EngineConfig, Settings
 
 
@@ -91,7 +91,7 @@ async def run_up(
         await ready.wait()
         overrides: dict[str, Any] = {"engines": tuple(EngineConfig(url=u) for u in urls)}
         full = Settings.model_validate({**settings.model_dump(), **overrides})
-        server = build_server(full)
+        gateway = build_gateway(full)
 
         async def started(port: int) -> None:
             base_url = f"http://{full.server.host}:{port}"
@@ -99,5 +99,5 @@ async def run_up(
             sys.stdout.write(banner(base_url, served or "<model>", urls))
             sys.stdout.flush()
 
-        await serve_gateway(server, on_started=started)
+        await serve_gateway(gateway, on_started=started)
         tg.cancel_scope.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -19,22 +20,37 @@ import httpx
 from gateway.app import create_app
 from gateway.server import EmbeddedServer, bound_port, make_server
 from gateway.settings import Settings
+from gateway.shutdown import InFlight
 
 log = logging.getLogger("switchyard")
 
 START_TIMEOUT_S = 30.0
+BACKSTOP_S = 5.0
 
 
-def build_server(settings: Settings, *, config_path: Path | None = None) -> EmbeddedServer:
-    app = create_app(settings, config_path=config_path)
-    return make_server(
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """A built, not yet started gateway: the uvicorn server and its in-flight registry."""
+
+    server: EmbeddedServer
+    inflight: InFlight
+    graceful_shutdown_s: float
+
+
+def build_gateway(settings: Settings, *, config_path: Path | None = None) -> Gateway:
+    inflight = InFlight()
+    app = create_app(settings, config_path=config_path, inflight=inflight)
+    graceful = settings.server.graceful_shutdown_s
+    server = make_server(
         app,
         host=settings.server.host,
         port=settings.server.port,
         limit_concurrency=settings.server.limit_concurrency,
-        graceful_shutdown_s=settings.server.graceful_shutdown_s,
+        # A backstop only: we end in-flight requests ourselves after ``graceful``.
+        graceful_shutdown_s=graceful + BACKSTOP_S,
         log_level="warning",
     )
+    return Gateway(server, inflight, graceful)
 
 
 async def wait_started(server: EmbeddedServer, task_done: Callable[[], bool]) -> int:
@@ -48,11 +64,20 @@ async def wait_started(server: EmbeddedServer, task_done: Callable[[], bool]) ->
 
 
 async def serve_gateway(
-    server: EmbeddedServer,
+    gateway: Gateway,
     *,
     on_started: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully."""
+    """Serve until SIGINT/SIGTERM, then shut down gracefully: stop accepting, give in-flight
+    requests ``graceful_shutdown_s``, then end the rest cleanly (503 / SSE error event)."""
+    server = gateway.server
+
+    async def drain() -> None:
+        await anyio.sleep(gateway.graceful_shutdown_s)
+        ended = gateway.inflight.cancel_all()
+        if ended:
+            log.info("ended %d in-flight request(s) at shutdown", ended)
+
     async with anyio.create_task_group() as tg:
         done = anyio.Event()
 
@@ -71,9 +96,11 @@ async def serve_gateway(
                 async for signum in signals:
                     if server.should_exit:
                         server.force_exit = True
+                        gateway.inflight.cancel_all()
                     else:
                         log.info("signal %d: stopping (Ctrl-C again to force)", signum)
                         server.should_exit = True
+                        tg.start_soon(drain)
 
         tg.start_soon(watch_signals)
         tg.start_soon(run_server)

@@ -26,6 +26,7 @@ from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy, RequestObserver
 from gateway.settings import EngineConfig, ProxySettings, Settings
+from gateway.shutdown import InFlight
 from gateway.tasks import supervise
 from routing import Policy, build_policies, build_profile, builtin_policies
 
@@ -73,6 +74,7 @@ class Services:
         *,
         config_path: Path | None = None,
         observers: tuple[RequestObserver, ...] = (),
+        inflight: InFlight | None = None,
     ) -> Services:
         endpoints = EndpointRegistry()
         for engine in settings.engines:
@@ -88,6 +90,7 @@ class Services:
             metrics=metrics,
             settings=settings.proxy,
             observers=observers,
+            inflight=inflight,
         )
         return cls(
             settings=settings,
@@ -103,11 +106,15 @@ class Services:
     @classmethod
     @asynccontextmanager
     async def open(
-        cls, settings: Settings, *, config_path: Path | None = None
+        cls,
+        settings: Settings,
+        *,
+        config_path: Path | None = None,
+        inflight: InFlight | None = None,
     ) -> AsyncIterator[Services]:
         """Client, registry and background tasks for the app's lifetime."""
         async with make_client(settings.proxy) as client:
-            services = cls.build(settings, client, config_path=config_path)
+            services = cls.build(settings, client, config_path=config_path, inflight=inflight)
             await services.health.check_once()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(supervise, "health-checker", services.health.run)

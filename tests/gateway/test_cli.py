@@ -109,3 +109,38 @@ def test_serve_on_a_busy_port_fails_with_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"switchyard: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_ends_inflight_streams_cleanly(start_engines: StartEngines, tmp_path: Path) -> None:
+    ((engine, srv),) = start_engines(1)
+    config = tmp_path / "switchyard.yaml"
+    config.write_text(f"engines:\n  - url: {srv.url}\nserver:\n  graceful_shutdown_s: 0.5\n")
+    proc = subprocess.Popen(
+        [SWITCHYARD, "serve", "--config", str(config), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = _read_url(proc)
+        body = {**CHAT, "stream": True, "max_tokens": 100, "fake": {"itl": 0.3}}
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+                chunks = resp.iter_raw()
+                received = next(chunks)
+                proc.send_signal(signal.SIGINT)
+                received += b"".join(chunks)  # ends when the gateway closes the stream
+        events = [line[6:] for line in received.decode().split("\n") if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "shutting_down"
+        assert "[DONE]" not in events
+        assert proc.wait(timeout=20) == 0
+        assert wait_until(lambda: engine.running == 0)  # the engine's slot was freed too
+        assert proc.stdout is not None
+        output = proc.stdout.read()
+        assert "Traceback" not in output and "ERROR" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
