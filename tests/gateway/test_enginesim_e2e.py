@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
 import httpx
@@ -233,6 +234,38 @@ def test_all_engines_dead_gives_503_then_recovers(cluster: Cluster) -> None:
         for engine in cluster.engines:
             engine.faults(clear=True)
     assert wait_until(lambda: httpx.get(f"{cluster.gateway.url}/ready").status_code == 200)
+
+
+def test_lora_adapter_loaded_at_runtime_is_listed_and_routed(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    adapter_dir = tmp_path / "lora-banana"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_model.safetensors").write_bytes(b"\0" * 1024)
+    holder = cluster.engines[1]
+    load = {"lora_name": "banana", "lora_path": str(adapter_dir)}
+    httpx.post(f"{holder.url}/v1/load_lora_adapter", json=load, timeout=10).raise_for_status()
+    models_url = f"{cluster.base_url}/models"
+
+    def listed() -> dict[str, object]:
+        return {m["id"]: m for m in httpx.get(models_url).json()["data"]}
+
+    try:
+        assert wait_until(lambda: "banana" in listed())
+        assert listed()["banana"]["parent"] == MODEL  # type: ignore[index]
+        body = {"model": "banana", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4}  # fmt: skip
+        holder_id = holder.url.removeprefix("http://")
+        for _ in range(4):
+            resp = httpx.post(f"{cluster.base_url}/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-switchyard-endpoint"] == holder_id
+    finally:
+        unload = {"lora_name": "banana"}
+        httpx.post(f"{holder.url}/v1/unload_lora_adapter", json=unload, timeout=10)
+    assert wait_until(lambda: "banana" not in listed())
+    with _sdk(cluster) as client, pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="banana", messages=[{"role": "user", "content": "x"}])
 
 
 def test_engine_killed_mid_run_non_streaming_requests_still_succeed(cluster: Cluster) -> None:
