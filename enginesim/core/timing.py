@@ -6,8 +6,10 @@ For a step that computes prefill chunks ``(n_i tokens starting at context offset
     t = c0 + c_prefill * sum(n_i) + c_attn * sum(n_i * (s_i + n_i / 2))
            + c_decode * D + c_ctx * sum(ctx_j)
 
-plus, when the step runs any LoRA adapter, ``c_lora_step + c_lora_token * L`` where ``L``
-is the number of tokens computed for adapter requests (LoRA's extra matmuls).
+plus, when the step runs any LoRA adapter, ``c_lora_step + c_lora_token * L + c_lora_quad *
+L**2 / 2`` where ``L`` is the number of tokens computed for adapter requests in the step
+(LoRA's extra matmuls). The quadratic term is 0 except on CPU, where vLLM's LoRA prefill was
+measured to grow faster than linearly with the adapter tokens of a step (docs/enginesim.md §2).
 
 ``c0`` is the per-step cost (weights read once per step), ``c_prefill`` the dense compute per
 prefill token (2 * params FLOPs), ``c_attn`` causal attention over the chunk (each of the
@@ -67,7 +69,9 @@ def step_time(profile: EngineProfile, batch: BatchShape) -> float:
         + profile.c_decode_s * batch.num_decodes
         + profile.c_ctx_s * batch.ctx_sum
         + (
-            profile.c_lora_step_s + profile.c_lora_token_s * batch.lora_tokens
+            profile.c_lora_step_s
+            + profile.c_lora_token_s * batch.lora_tokens
+            + profile.c_lora_quad_s * batch.lora_tokens * batch.lora_tokens / 2
             if batch.lora_tokens
             else 0.0
         )

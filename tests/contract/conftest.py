@@ -103,8 +103,8 @@ def engine(
             lora = lora or _stub_lora(tmp_path_factory.mktemp("lora") / "lora-random")
             venv_python = REPO_ROOT / ".venv" / "bin" / "python"
             python = venv_python if venv_python.exists() else Path(sys.executable)
-            # The real tokenizer when installed, so token counts are comparable with vLLM's.
-            tokenizer = layout.tokenizer if layout.tokenizer.exists() else None
+            # `--tokenizer <converted model dir>` when installed, so token counts are vLLM's.
+            tokenizer = layout.enginesim_tokenizer()
             with start_enginesim(python=python, tokenizer=tokenizer) as running:
                 yield _contract(running, lora)
     except EngineStartError as exc:

@@ -132,3 +132,16 @@ def test_lora_compute_cost_per_step_and_per_adapter_token() -> None:
     assert res.duration_s == 0.5 + 2 * 0.125 + 0.0625 + 0.015625
     core.add_request(_req("base2", 1))
     assert core.step(0.0).duration_s == 0.5 + 3 * 0.25  # no adapter in the batch: no LoRA term
+
+
+def test_lora_quadratic_term_counts_all_adapter_tokens_of_the_step() -> None:
+    """c_lora_quad * L**2 / 2 over the step's adapter tokens (two requests: L = 6, not 3 + 3)."""
+    core = EngineCore(_profile(max_loras=2, c_lora_quad_s=0.125))
+    core.load_adapter("a", size_bytes=0)
+    core.load_adapter("b", size_bytes=0)
+    core.add_request(_req("ra", 2, "a"))
+    core.add_request(_req("rb", 2, "b"))
+    res = core.step(0.0)  # 6 adapter prefill tokens
+    assert res.duration_s == 0.5 + 6 * 0.25 + 0.125 * 6 * 6 / 2
+    res = core.step(0.0)  # two adapter decodes: L = 2
+    assert res.duration_s == 0.5 + 2 * 0.125 + 0.125 * 2 * 2 / 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from enginesim.cli import config_from_args
 from enginesim.cluster import ClusterConfig
 from enginesim.core.profile import load_profile
 from enginesim.server.codec import load_codec
@@ -56,3 +57,13 @@ def test_exact_counts_with_the_real_tokenizer() -> None:
         body = {"model": "smollm2", "prompt": "1, 2, 3, 4, 5,", "max_tokens": 3, "ignore_eos": True}
         usage = http.post("/v1/completions", json=body).json()["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (14, 3)
+
+
+def test_cli_refuses_a_tokenizer_path_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        config_from_args(["--tokenizer", str(tmp_path / "missing")])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        config_from_args(["--tokenizer", str(tmp_path)])  # a directory without tokenizer.json
+    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")
+    assert config_from_args(["--tokenizer", str(tmp_path)]).tokenizer == str(tmp_path)
