@@ -191,12 +191,13 @@ def test_garbage_on_the_socket_does_not_hurt_the_gateway(
 def test_engine_api_key_is_sent_upstream_and_client_key_is_not(
     start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
 ) -> None:
+    from pydantic import SecretStr
+
     from gateway.settings import EngineConfig
 
     ((engine, srv),) = start_engines(1)
-    gw = start_gateway(
-        [], engines=[EngineConfig(url=srv.url, api_key="engine-key")], api_keys=["sk-client"]
-    )
+    engine_config = EngineConfig(url=srv.url, api_key=SecretStr("engine-key"))
+    gw = start_gateway([], engines=[engine_config], api_keys=["sk-client"])
     ok = client.post(f"{gw.url}/v1/chat/completions", json=CHAT,
                      headers={"authorization": "Bearer sk-client"})  # fmt: skip
     assert ok.status_code == 200

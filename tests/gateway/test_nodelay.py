@@ -33,7 +33,7 @@ def test_gateway_sets_nodelay_on_accepted_connections(
             assert client.post(f"{gw.url}/v1/chat/completions", json=CHAT).status_code == 200
         connections = list(gw.server.server_state.connections)
         assert connections
-        socks = [c.transport.get_extra_info("socket") for c in connections]  # type: ignore[attr-defined]
+        socks = [c.transport.get_extra_info("socket") for c in connections]
         assert all(_nodelay(s) for s in socks)
 
 

@@ -102,7 +102,7 @@ def test_unhealthy_engine_leaves_and_returns(
 
     def health_of(host: str) -> str:
         ready = client.get(f"{gw.url}/ready").json()
-        return next(e["health"] for e in ready["engines"] if e["id"] == host)
+        return str(next(e["health"] for e in ready["engines"] if e["id"] == host))
 
     sick.health_status = 503
     assert wait_until(lambda: health_of(sick_host) == "unhealthy")

@@ -48,7 +48,7 @@ def test_defaults_without_file() -> None:
 def test_frozen_and_strict(tmp_path: Path) -> None:
     settings = Settings.load(None)
     with pytest.raises(ValidationError):
-        settings.server = settings.server  # type: ignore[misc]
+        settings.server = settings.server
     bad = tmp_path / "bad.yaml"
     bad.write_text("routing:\n  polcy: random\n")
     with pytest.raises(ValidationError):
