@@ -236,6 +236,48 @@ def test_all_engines_dead_gives_503_then_recovers(cluster: Cluster) -> None:
     assert wait_until(lambda: httpx.get(f"{cluster.gateway.url}/ready").status_code == 200)
 
 
+def test_counters_do_not_drift_under_mixed_traffic(cluster: Cluster) -> None:
+    url = f"{cluster.base_url}/chat/completions"
+    msgs = [{"role": "user", "content": "mixed"}]
+
+    def one(i: int) -> None:
+        kind = i % 5
+        with httpx.Client(timeout=60) as client:
+            if kind == 0:
+                client.post(url, json={"model": MODEL, "messages": msgs, "max_tokens": 8})
+            elif kind == 1:
+                body = {"model": MODEL, "messages": msgs, "max_tokens": 8, "stream": True}
+                client.post(url, json=body)
+            elif kind == 2:  # disconnect mid-stream
+                body = {"model": MODEL, "messages": msgs, "max_tokens": 400, "stream": True,
+                        "ignore_eos": True}  # fmt: skip
+                with client.stream("POST", url, json=body) as resp:
+                    chunks = resp.iter_raw()
+                    next(chunks)
+            elif kind == 3:
+                client.post(url, json={"model": "nope", "messages": msgs})
+            else:
+                client.post(url, content=b"{broken", headers={"content-type": "application/json"})
+
+    threads = [threading.Thread(target=lambda k=k: [one(k * 10 + j) for j in range(10)])
+               for k in range(6)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    metrics_url = f"{cluster.gateway.url}/metrics"
+
+    def gateway_in_flight() -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in httpx.get(metrics_url).text.splitlines()
+            if line.startswith("switchyard_proxy_in_flight_requests{")
+        )
+
+    assert wait_until(lambda: gateway_in_flight() == 0, timeout=20)
+    assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0, timeout=20)
+
+
 def test_lora_adapter_loaded_at_runtime_is_listed_and_routed(
     cluster: Cluster, tmp_path: Path
 ) -> None:
