@@ -259,8 +259,11 @@ def test_counters_do_not_drift_under_mixed_traffic(cluster: Cluster) -> None:
             else:
                 client.post(url, content=b"{broken", headers={"content-type": "application/json"})
 
-    threads = [threading.Thread(target=lambda k=k: [one(k * 10 + j) for j in range(10)])
-               for k in range(6)]  # fmt: skip
+    def worker(k: int) -> None:
+        for j in range(10):
+            one(k * 10 + j)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
     for t in threads:
