@@ -53,6 +53,7 @@ class EndpointState:
         "engine",
         "health",
         "id",
+        "kv_events",
         "last_error",
         "models",
         "static_models",
@@ -67,9 +68,11 @@ class EndpointState:
         static_models: Iterable[str] = (),
         *,
         api_key: str | None = None,
+        kv_events: str | None = None,
     ) -> None:
         self.id = endpoint_id
         self.url = url
+        self.kv_events = kv_events  # the engine's KV-event PUB endpoint (tcp://...), if any
         # Sent with every request to this engine (vLLM's --api-key); never logged or shown.
         self.upstream_headers: dict[str, str] = (
             {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -120,6 +123,10 @@ class EndpointState:
     def snapshot(self) -> EndpointSnapshot:
         return self.engine.snapshot()
 
+    def base_model(self) -> str | None:
+        """The first served model that is not a LoRA adapter (seeds KV-event hashes)."""
+        return next((card.id for card in self.models if not card.parent), None)
+
     def describe(self) -> dict[str, Any]:
         """JSON-able detail for ``/ready`` and the admin API."""
         return {
@@ -160,11 +167,12 @@ class EndpointRegistry:
         endpoint_id: str | None = None,
         models: Iterable[str] = (),
         api_key: str | None = None,
+        kv_events: str | None = None,
     ) -> EndpointState:
         eid = endpoint_id or default_endpoint_id(url)
         if eid in self._states:
             raise KeyError(f"endpoint {eid!r} already registered")
-        state = EndpointState(eid, url.rstrip("/"), models, api_key=api_key)
+        state = EndpointState(eid, url.rstrip("/"), models, api_key=api_key, kv_events=kv_events)
         self._states[eid] = state
         return state
 
@@ -209,11 +217,19 @@ class EndpointRegistry:
 
     @contextmanager
     def lease(
-        self, state: EndpointState, *, prompt_tokens: int = 0, max_tokens: int | None = None
+        self,
+        state: EndpointState,
+        *,
+        prompt_tokens: int = 0,
+        max_tokens: int | None = None,
+        cached_tokens: int = 0,
     ) -> Iterator[Ticket]:
         """Count one request in flight on ``state`` until the block exits, however it exits
-        (success, error, stream end, cancellation by a client disconnect)."""
-        ticket = state.engine.begin(prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+        (success, error, stream end, cancellation by a client disconnect); ``cached_tokens``
+        is the expected prefix-cache hit there (not queued as prefill work)."""
+        ticket = state.engine.begin(
+            prompt_tokens=prompt_tokens, max_tokens=max_tokens, cached_tokens=cached_tokens
+        )
         try:
             yield ticket
         finally:

@@ -29,6 +29,8 @@ _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 
+_BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
 
 class _EndpointCollector(Collector):
     """In-flight and health gauges read live from the endpoint registry."""
@@ -47,11 +49,34 @@ class _EndpointCollector(Collector):
             "1 when the engine passes health checks, else 0",
             labels=["endpoint"],
         )
+        scraped = GaugeMetricFamily(
+            "switchyard_endpoint_scraped_timestamp_seconds",
+            "Monotonic clock reading of the engine's last good /metrics scrape",
+            labels=["endpoint"],
+        )
+        waiting = GaugeMetricFamily(
+            "switchyard_endpoint_waiting_requests",
+            "Requests waiting in the engine's queue (last scrape)",
+            labels=["endpoint"],
+        )
+        kv_usage = GaugeMetricFamily(
+            "switchyard_endpoint_kv_usage_ratio",
+            "Engine KV-cache usage 0..1 (last scrape)",
+            labels=["endpoint"],
+        )
         for state in self._endpoints:
-            in_flight.add_metric([state.id], state.in_flight)
+            snap = state.snapshot()
+            in_flight.add_metric([state.id], snap.in_flight)
             healthy.add_metric([state.id], 1.0 if state.healthy else 0.0)
+            if snap.scraped_at is not None:
+                scraped.add_metric([state.id], snap.scraped_at)
+                waiting.add_metric([state.id], snap.waiting)
+                kv_usage.add_metric([state.id], snap.kv_usage)
         yield in_flight
         yield healthy
+        yield scraped
+        yield waiting
+        yield kv_usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +89,9 @@ class GatewayMetrics:
     retries: Counter
     stream_errors: Counter
     decisions: Counter
+    endpoint_decisions: Counter
+    prefix_hit_blocks: Histogram
+    scrape_errors: Counter
     health_transitions: Counter
 
     @classmethod
@@ -112,8 +140,29 @@ class GatewayMetrics:
             ),
             decisions=Counter(
                 "switchyard_routing_decisions_total",
+                "Routing decisions by policy and prefix outcome (hit: the chosen engine holds"
+                " the longest known prefix; spill: another one does; cold: none does;"
+                " no_endpoint: nothing passed the filters)",
+                ["policy", "outcome"],
+                registry=reg,
+            ),
+            endpoint_decisions=Counter(
+                "switchyard_routing_endpoint_decisions_total",
                 "Routing decisions by policy and first-ranked engine",
                 ["policy", "endpoint"],
+                registry=reg,
+            ),
+            prefix_hit_blocks=Histogram(
+                "switchyard_routing_prefix_hit_blocks",
+                "Leading prompt blocks the chosen engine is believed to hold",
+                ["policy"],
+                buckets=_BLOCK_BUCKETS,
+                registry=reg,
+            ),
+            scrape_errors=Counter(
+                "switchyard_scrape_errors_total",
+                "Failed /metrics scrapes of an engine, by error kind",
+                ["endpoint", "kind"],
                 registry=reg,
             ),
             health_transitions=Counter(

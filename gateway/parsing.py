@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -41,6 +41,8 @@ class RequestFields:
     prompt_chars: int
     max_tokens: int | None
     user: str | None
+    prompt: Any = field(default=None, repr=False, compare=False)
+    """The prompt field as parsed (messages, prompt or input), for prefix hashing."""
 
     @property
     def prompt_tokens_estimate(self) -> int:
@@ -113,4 +115,5 @@ def parse_request(body: bytes, kind: Kind) -> RequestFields:
         prompt_chars=_text_len(prompt),
         max_tokens=max_tokens,
         user=user,
+        prompt=prompt,
     )

@@ -87,6 +87,16 @@ class RequestObserver(Protocol):
     def on_request_finished(self, record: FinishedRequest) -> None: ...
 
 
+class RouteHooks(Protocol):
+    """Per-request routing hooks (:class:`gateway.router.Routed`); must not block."""
+
+    def committed(self, endpoint_id: str, status: int) -> None:
+        """An engine's response head is being relayed to the client (no failover after)."""
+
+    def finished(self, record: FinishedRequest) -> None:
+        """The request is over, however it ended (called exactly once)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyPlan:
     """Everything decided before the response starts."""
@@ -100,6 +110,7 @@ class ProxyPlan:
     started: float
     model_label: str
     route_header: str | None
+    hooks: RouteHooks | None = None
 
 
 @dataclass(slots=True)
@@ -201,6 +212,8 @@ class Proxy:
                         state,
                         prompt_tokens=plan.route.prompt_tokens,
                         max_tokens=plan.route.max_tokens,
+                        cached_tokens=plan.route.prefix_blocks.get(state.id, 0)
+                        * plan.route.block_tokens,
                     )
                 )
                 try:
@@ -313,6 +326,8 @@ class Proxy:
         await send({"type": "http.response.start", "status": upstream.status_code,
                     "headers": headers})  # fmt: skip
         out.status, out.started, out.sse = upstream.status_code, True, sse
+        if plan.hooks is not None:
+            plan.hooks.committed(state.id, upstream.status_code)
 
     async def _relay(
         self,
@@ -403,6 +418,12 @@ class Proxy:
             prompt_tokens_estimate=plan.route.prompt_tokens,
             usage=out.usage,
         )
+        hooks = (plan.hooks,) if plan.hooks is not None else ()
+        for hook in hooks:
+            try:
+                hook.finished(record)
+            except Exception:
+                log.exception("routing hook failed")
         for observer in self._observers:
             try:
                 observer.on_request_finished(record)

@@ -1,8 +1,9 @@
 """The Services container: everything with a lifetime, opened by the app's lifespan.
 
 One ``httpx.AsyncClient`` (explicit timeouts and pool limits, ``TCP_NODELAY``), the endpoint
-registry, the routing policies, the app-owned metrics registry, the health checker, the proxy
-and the supervised background tasks. Tests build their own and pass it to ``create_app``.
+registry, the router (policies, prefix index, VTC counters), the app-owned metrics registry, the
+health checker, the metrics scraper, the KV-event consumers, the proxy and the supervised
+background tasks. Tests build their own and pass it to ``create_app``.
 
 Example::
 
@@ -23,12 +24,14 @@ import httpx
 
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.health import HealthChecker
+from gateway.kvevents import KVEventConsumers
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy, RequestObserver
+from gateway.router import Router, RoutingCollector
+from gateway.scraper import MetricsScraper
 from gateway.settings import EngineConfig, ProxySettings, Settings
 from gateway.shutdown import InFlight
 from gateway.tasks import supervise
-from routing import Policy, build_policies, build_profile, builtin_policies
 
 
 def make_client(settings: ProxySettings) -> httpx.AsyncClient:
@@ -60,9 +63,11 @@ class Services:
     settings: Settings
     client: httpx.AsyncClient
     endpoints: EndpointRegistry
-    policies: dict[str, Policy]
+    router: Router
     metrics: GatewayMetrics
     health: HealthChecker
+    scraper: MetricsScraper
+    kv_events: KVEventConsumers
     proxy: Proxy
     config_path: Path | None = None
 
@@ -80,6 +85,8 @@ class Services:
         for engine in settings.engines:
             add_engine(endpoints, engine)
         metrics = GatewayMetrics.create(endpoints)
+        router = Router(settings, endpoints, metrics)
+        metrics.registry.register(RoutingCollector(router))
         health = HealthChecker(
             client=client, endpoints=endpoints, settings=settings.health, metrics=metrics
         )
@@ -96,9 +103,13 @@ class Services:
             settings=settings,
             client=client,
             endpoints=endpoints,
-            policies=make_policies(settings),
+            router=router,
             metrics=metrics,
             health=health,
+            scraper=MetricsScraper(
+                client=client, endpoints=endpoints, settings=settings.routing, metrics=metrics
+            ),
+            kv_events=KVEventConsumers(endpoints, router),
             proxy=proxy,
             config_path=config_path,
         )
@@ -118,20 +129,22 @@ class Services:
             await services.health.check_once()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(supervise, "health-checker", services.health.run)
+                if settings.routing.scrape_interval_s > 0:
+                    await services.scraper.scrape_once()
+                    tg.start_soon(supervise, "metrics-scraper", services.scraper.run)
+                tg.start_soon(supervise, "kv-events", services.kv_events.run)
                 try:
                     yield services
                 finally:
                     tg.cancel_scope.cancel()
 
 
-def make_policies(settings: Settings) -> dict[str, Policy]:
-    """Every built-in policy plus the profiles from the config (a profile may shadow one)."""
-    policies = build_policies(builtin_policies())
-    for name, spec in settings.routing.profiles.items():
-        policies[name] = build_profile(name, spec)
-    return policies
-
-
 def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> EndpointState:
     key = engine.api_key.get_secret_value() if engine.api_key else None
-    return endpoints.add(engine.url, endpoint_id=engine.id, models=engine.models, api_key=key)
+    return endpoints.add(
+        engine.url,
+        endpoint_id=engine.id,
+        models=engine.models,
+        api_key=key,
+        kv_events=engine.kv_events,
+    )

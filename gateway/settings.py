@@ -38,6 +38,9 @@ class EngineConfig(_Section):
     id: str | None = None
     models: tuple[str, ...] = ()
     api_key: SecretStr | None = None  # the engine's own key (vLLM --api-key), if it has one
+    # The engine's KV-event PUB socket (vLLM --kv-events-config endpoint), e.g.
+    # tcp://10.0.0.5:5557; when set the gateway subscribes and feeds the precise prefix index.
+    kv_events: str | None = None
 
     @field_validator("url")
     @classmethod
@@ -77,14 +80,47 @@ class ProxySettings(_Section):
     retry_statuses: tuple[int, ...] = (500, 502, 503, 504)
 
 
+class PrefixSettings(_Section):
+    """How requests are cut into prefix blocks and how many (block, engine) pairs are kept.
+
+    Without ``tokenizer`` (a local ``tokenizer.json`` or a directory holding one) blocks are
+    ``block_bytes``-byte blocks of the prompt text (approximate); with it, token blocks of
+    ``block_tokens`` tokens over the ChatML-rendered prompt (aligned with the engine's KV
+    blocks, so KV events can match). ``max_pairs`` is the index's memory budget (about 300
+    bytes per block, see ``kvcache.index``)."""
+
+    block_bytes: int = Field(default=64, gt=0)
+    block_tokens: int = Field(default=16, gt=0)
+    tokenizer: Path | None = None
+    # ChatML default system prompt the engine's template injects (SmolLM2 does), if any.
+    default_system: str | None = None
+    # Prompts longer than this many characters are tokenised in a worker thread.
+    thread_above_chars: int = Field(default=32_768, ge=0)
+    max_pairs: int = Field(default=1_000_000, gt=0)
+    ttl_s: float = Field(default=600.0, gt=0)
+    speculative_ttl_s: float = Field(default=2.0, ge=0)
+
+
 class RoutingSettings(_Section):
     """``policy``: a built-in policy name or one of ``profiles`` (built by
     :func:`routing.build_profile`); clients may pick another per request with the
-    ``x-switchyard-routing`` header. ``debug_header`` adds ``x-switchyard-route``."""
+    ``x-switchyard-routing`` header. ``debug_header`` adds ``x-switchyard-route``.
+    ``session_header`` names the request header session affinity keys on (else ``user``).
+    Engine ``/metrics`` are scraped every ``scrape_interval_s`` (0 disables)."""
 
     policy: str = "least-request"
     debug_header: bool = False
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    session_header: str = "x-session-id"
+    scrape_interval_s: float = Field(default=0.5, ge=0)
+    scrape_timeout_s: float = Field(default=1.0, gt=0)
+    scrape_concurrency: int = Field(default=32, gt=0)
+    prefix: PrefixSettings = PrefixSettings()
+
+    @field_validator("session_header")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
 
     @model_validator(mode="after")
     def _known_policy(self) -> RoutingSettings:

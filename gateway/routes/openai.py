@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: chat, completions, embeddings (proxied) and the model list.
 
 A proxied route reads the raw body, parses only the routing fields, resolves the model (a
-LoRA adapter routes as ``adapter`` of its base model), asks the chosen policy for a ranking
-and hands the original bytes to :class:`gateway.proxy.ProxyResponse`.
+LoRA adapter routes as ``adapter`` of its base model), lets :class:`gateway.router.Router`
+hash the prompt, look up the prefix index and ask the chosen policy for a ranking, and hands
+the original bytes to :class:`gateway.proxy.ProxyResponse`.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.context import current_request_id
-from gateway.errors import InvalidField, ModelNotFound, NoHealthyEndpoint, Unauthorized
+from gateway.errors import ModelNotFound, NoHealthyEndpoint, Unauthorized
 from gateway.parsing import Kind, RequestFields, parse_request
 from gateway.proxy import ProxyPlan
 from gateway.responses import JSONBytes
+from gateway.router import ROUTING_HEADER
 from gateway.services import Services
-from routing import Decision, NoEndpointError, Policy, RouteRequest
 
 router = APIRouter()
-
-ROUTING_HEADER = "x-switchyard-routing"
 _MODEL_CREATED = 1700000000
 
 
@@ -62,16 +61,6 @@ def _resolve_model(services: Services, model: str) -> tuple[str, str | None, boo
     raise ModelNotFound(model)
 
 
-def _policy(request: Request, services: Services) -> Policy:
-    name = request.headers.get(ROUTING_HEADER) or services.settings.routing.policy
-    policy = services.policies.get(name)
-    if policy is None:
-        known = ", ".join(sorted(services.policies))
-        message = f"unknown routing policy {name[:64]!r}; known: {known}"
-        raise InvalidField(message, param=ROUTING_HEADER)
-    return policy
-
-
 def _forward_headers(request: Request) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     for name in ("accept", "user-agent"):
@@ -91,43 +80,30 @@ async def _proxy(request: Request, kind: Kind) -> Response:
     body = await request.body()
     fields: RequestFields = parse_request(body, kind)
     model, adapter, listed = _resolve_model(services, fields.model)
-    policy = _policy(request, services)
-    debug = services.settings.routing.debug_header
-    route = RouteRequest(
+    routing = services.settings.routing
+    policy = services.router.policy(request.headers.get(ROUTING_HEADER))
+    routed = await services.router.route(
+        kind,
+        fields,
         model=model,
-        seq=services.endpoints.next_seq(),
         adapter=adapter,
-        prompt_tokens=fields.prompt_tokens_estimate,
-        max_tokens=fields.max_tokens,
-        user=fields.user,
-        stream=fields.stream,
+        policy=policy,
+        session_key=request.headers.get(routing.session_header),
+        explain=routing.debug_header,
     )
-    try:
-        decision = policy.choose(route, services.endpoints.snapshots(), explain=debug)
-    except NoEndpointError as exc:
-        raise NoHealthyEndpoint(
-            f"no healthy engine serves model `{fields.model}` (filter: {exc.reason})"
-        ) from exc
-    services.metrics.decisions.labels(policy=policy.name, endpoint=decision.ranked[0].id).inc()
     plan = ProxyPlan(
         kind=kind,
         body=body,
         headers=_forward_headers(request),
         fields=fields,
-        route=route,
-        decision=decision,
+        route=routed.route,
+        decision=routed.decision,
         started=started,
         model_label=fields.model if listed else "other",
-        route_header=_explain(decision) if debug else None,
+        route_header=routed.explain() if routing.debug_header else None,
+        hooks=routed,
     )
     return services.proxy.response(plan)
-
-
-def _explain(decision: Decision) -> str:
-    """``x-switchyard-route``: scores, then each plugin's breakdown (header-safe, bounded)."""
-    text = " ".join((decision.explain(), *decision.details))
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
-    return text.encode("latin-1", "replace").decode("latin-1")[:2048]
 
 
 @router.post("/v1/chat/completions")

@@ -1,0 +1,240 @@
+"""The gateway side of routing: everything a policy needs, prepared before the pure call.
+
+Per request (:meth:`Router.route`): pick the policy (config default, or the
+``x-switchyard-routing`` header; unknown -> 400), hash the prompt into prefix blocks
+(:mod:`gateway.prefix`), look them up in the one :class:`kvcache.PrefixIndex`
+(``RouteRequest.prefix_blocks``), admit the user to the VTC counters (fairness), and call
+``Policy.choose`` on the endpoint snapshots. The returned :class:`Routed` carries the hooks
+the proxy calls: ``committed`` when an engine's first byte is relayed (records the prefix
+in the approximate index for that engine, if it answered < 400) and ``finished`` once per
+request (charges and releases the user's VTC counter).
+
+The index is also fed precisely from KV events (:mod:`gateway.kvevents`); its size is
+bounded by ``routing.prefix.max_pairs`` and exported by :class:`RoutingCollector`.
+
+Example::
+
+    router = Router(settings, endpoints, metrics)
+    routed = await router.route(kind, fields, model="m", adapter=None, policy=router.policy(None))
+    routed.decision.ranked[0]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.endpoints import EndpointRegistry
+from gateway.errors import InvalidField, NoHealthyEndpoint
+from gateway.metrics import GatewayMetrics
+from gateway.parsing import Kind, RequestFields
+from gateway.prefix import Blocks, PromptHasher
+from gateway.proxy import FinishedRequest
+from gateway.settings import Settings
+from kvcache import EndpointFeed, PrefixIndex
+from routing import (
+    Decision,
+    NoEndpointError,
+    Policy,
+    RouteRequest,
+    VirtualTokenCounters,
+    build_policies,
+    build_profile,
+    builtin_policies,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTING_HEADER = "x-switchyard-routing"
+MAX_SESSION_KEY = 256
+
+
+def make_policies(settings: Settings) -> dict[str, Policy]:
+    """Every built-in policy plus the profiles from the config (a profile may shadow one)."""
+    policies = build_policies(builtin_policies())
+    for name, spec in settings.routing.profiles.items():
+        policies[name] = build_profile(name, spec)
+    return policies
+
+
+@dataclass(slots=True)
+class Routed:
+    """One routing decision plus the hooks the proxy calls (see module docstring)."""
+
+    router: Router
+    route: RouteRequest
+    decision: Decision
+    blocks: Blocks
+    user: str | None
+    committed_to: str | None = None
+    _released: bool = field(default=False, repr=False)
+
+    def committed(self, endpoint_id: str, status: int) -> None:
+        """The engine's answer is being relayed: remember the prefix it now holds."""
+        self.committed_to = endpoint_id
+        if status < 400 and self.blocks.hashes:
+            self.router.index.insert(endpoint_id, self.blocks.hashes)
+
+    def finished(self, record: FinishedRequest) -> None:
+        """Once per request, however it ended: settle the user's virtual token counter."""
+        if self._released or self.user is None:
+            return
+        self._released = True
+        usage = record.usage or {}
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        vtc = self.router.vtc
+        vtc.charge(
+            self.user,
+            input_tokens=prompt if isinstance(prompt, int) else self.route.prompt_tokens,
+            output_tokens=completion if isinstance(completion, int) else 0,
+        )
+        vtc.release(self.user)
+
+    def explain(self) -> str:
+        """``x-switchyard-route``: scores, each plugin's breakdown, then the prefix lookup."""
+        matched = ",".join(f"{eid}:{n}" for eid, n in sorted(self.route.prefix_blocks.items()))
+        prefix = f"prefix:mode={self.blocks.mode},blocks={len(self.blocks.hashes)}"
+        prefix += f",block_tokens={self.blocks.block_tokens},match={matched or '-'}"
+        text = " ".join((self.decision.explain(), *self.decision.details, prefix))
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
+        return text.encode("latin-1", "replace").decode("latin-1")[:2048]
+
+
+class Router:
+    """Owns the policies, the prefix index, the prompt hasher and the VTC counters."""
+
+    def __init__(
+        self, settings: Settings, endpoints: EndpointRegistry, metrics: GatewayMetrics
+    ) -> None:
+        prefix = settings.routing.prefix
+        self.settings = settings
+        self.endpoints = endpoints
+        self.metrics = metrics
+        self.policies = make_policies(settings)
+        self.index = PrefixIndex(
+            max_pairs=prefix.max_pairs,
+            ttl_s=prefix.ttl_s,
+            speculative_ttl_s=prefix.speculative_ttl_s,
+        )
+        self.hasher = PromptHasher(prefix)
+        self.vtc = VirtualTokenCounters()
+        self.feeds: dict[str, EndpointFeed] = {}
+
+    def policy(self, name: str | None) -> Policy:
+        """The named policy (``None``: the configured default); unknown -> 400."""
+        name = name or self.settings.routing.policy
+        policy = self.policies.get(name)
+        if policy is None:
+            known = ", ".join(sorted(self.policies))
+            message = f"unknown routing policy {name[:64]!r}; known: {known}"
+            raise InvalidField(message, param=ROUTING_HEADER)
+        return policy
+
+    async def route(
+        self,
+        kind: Kind,
+        fields: RequestFields,
+        *,
+        model: str,
+        adapter: str | None,
+        policy: Policy,
+        session_key: str | None = None,
+        explain: bool = False,
+    ) -> Routed:
+        snapshots = self.endpoints.snapshots()
+        block_size = next((s.block_size for s in snapshots if s.block_size), None)
+        blocks = await self.hasher.blocks(
+            kind, fields.prompt, model=model, adapter=adapter, block_tokens=block_size
+        )
+        matched = self.index.match(blocks.hashes) if blocks.hashes else {}
+        user = fields.user
+        fairness = self.vtc.admit(user) if user else None
+        route = RouteRequest(
+            model=model,
+            seq=self.endpoints.next_seq(),
+            adapter=adapter,
+            prompt_tokens=blocks.prompt_tokens or fields.prompt_tokens_estimate,
+            max_tokens=fields.max_tokens,
+            block_hashes=blocks.hashes,
+            block_tokens=blocks.block_tokens,
+            prefix_blocks=matched,
+            session_key=session_key[:MAX_SESSION_KEY] if session_key else None,
+            user=user,
+            stream=fields.stream,
+            fairness=fairness,
+        )
+        try:
+            decision = policy.choose(route, snapshots, explain=explain)
+        except NoEndpointError as exc:
+            if user:
+                self.vtc.release(user)
+            self.metrics.decisions.labels(policy=policy.name, outcome="no_endpoint").inc()
+            raise NoHealthyEndpoint(
+                f"no healthy engine serves model `{fields.model}` (filter: {exc.reason})"
+            ) from exc
+        chosen = decision.ranked[0].id
+        hit = matched.get(chosen, 0)
+        best = max(matched.values(), default=0)
+        outcome = "cold" if best == 0 else ("hit" if hit >= best else "spill")
+        self.metrics.decisions.labels(policy=policy.name, outcome=outcome).inc()
+        self.metrics.endpoint_decisions.labels(policy=policy.name, endpoint=chosen).inc()
+        if blocks.hashes:
+            self.metrics.prefix_hit_blocks.labels(policy=policy.name).observe(hit)
+        return Routed(self, route, decision, blocks, user)
+
+
+class RoutingCollector(Collector):
+    """Prefix-index size and evictions, KV-event feeds and scrape age, read at scrape time."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._router.index.stats()
+        gauges = (
+            ("switchyard_prefix_index_entries", "Block hashes in the prefix index", stats.entries),
+            ("switchyard_prefix_index_pairs", "(block, engine) pairs held", stats.pairs),
+            ("switchyard_prefix_index_max_pairs", "Budget of (block, engine) pairs",
+             stats.max_pairs),
+            ("switchyard_prefix_index_bytes", "Estimated memory of the prefix index",
+             stats.bytes_estimate),
+            ("switchyard_prefix_index_precise_endpoints", "Engines feeding KV events",
+             stats.precise_endpoints),
+        )  # fmt: skip
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
+        pairs = GaugeMetricFamily(
+            "switchyard_prefix_index_source_pairs", "Pairs by source", labels=["source"]
+        )
+        pairs.add_metric(["approximate"], stats.approx_pairs)
+        pairs.add_metric(["precise"], stats.precise_pairs)
+        yield pairs
+        evicted = CounterMetricFamily(
+            "switchyard_prefix_index_evictions", "Pairs evicted, by reason", labels=["reason"]
+        )
+        evicted.add_metric(["budget"], stats.evicted_budget)
+        evicted.add_metric(["ttl"], stats.evicted_ttl)
+        yield evicted
+        blocks = CounterMetricFamily(
+            "switchyard_kv_events_blocks",
+            "Blocks reported by engines' KV events",
+            labels=["endpoint", "event"],
+        )
+        issues = CounterMetricFamily(
+            "switchyard_kv_events_problems",
+            "KV-event batches lost (sequence gaps) or blocks with an unknown parent",
+            labels=["endpoint", "kind"],
+        )
+        for eid, feed in sorted(self._router.feeds.items()):
+            fs = feed.stats()
+            blocks.add_metric([eid, "stored"], fs.stored_blocks)
+            blocks.add_metric([eid, "removed"], fs.removed_blocks)
+            issues.add_metric([eid, "seq_gap"], fs.seq_gaps)
+            issues.add_metric([eid, "unchained"], fs.unchained)
+        yield blocks
+        yield issues

@@ -1,0 +1,91 @@
+"""Engine state scraping: every engine's ``/metrics`` -> ``EngineState.observe_metrics``.
+
+A supervised background loop (never on the request path): every ``scrape_interval_s`` it
+fetches each engine's Prometheus page concurrently (at most ``scrape_concurrency`` at a
+time, each bounded by ``scrape_timeout_s``), parses it with
+:func:`routing.parse_vllm_metrics` (vLLM V1 names) and stores it in the engine's
+:class:`routing.EngineState`, so policies see ``running``, ``waiting``, ``kv_usage``,
+``block_size`` and running adapters in the next snapshot. A failed scrape keeps the last
+good values (their age is ``scraped_at``) and counts ``switchyard_scrape_errors_total``.
+
+Example::
+
+    scraper = MetricsScraper(client=client, endpoints=registry, settings=s.routing, metrics=m)
+    await scraper.scrape_once()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import httpx
+
+from gateway.endpoints import EndpointRegistry, EndpointState
+from gateway.metrics import GatewayMetrics
+from gateway.settings import RoutingSettings
+from routing import MetricsParseError, parse_vllm_metrics
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS_BYTES = 4 * 1024 * 1024
+
+
+class MetricsScraper:
+    """Scrapes every registered engine; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient,
+        endpoints: EndpointRegistry,
+        settings: RoutingSettings,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._client = client
+        self._endpoints = endpoints
+        self._settings = settings
+        self._metrics = metrics
+        self._limiter = anyio.CapacityLimiter(settings.scrape_concurrency)
+
+    async def run(self) -> None:
+        """Scrape forever, one round every ``scrape_interval_s`` (start to start)."""
+        interval = self._settings.scrape_interval_s
+        while True:
+            started = time.monotonic()
+            await self.scrape_once()
+            await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def scrape_once(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for state in self._endpoints:
+                tg.start_soon(self._limited, state)
+
+    async def _limited(self, state: EndpointState) -> None:
+        async with self._limiter:
+            await self.scrape(state)
+
+    async def scrape(self, state: EndpointState) -> bool:
+        """One engine; returns whether its state was updated."""
+        timeout = self._settings.scrape_timeout_s
+        kind: str | None = None
+        try:
+            with anyio.fail_after(timeout * 2):
+                resp = await self._client.get(
+                    f"{state.url}/metrics", timeout=timeout, headers=state.upstream_headers
+                )
+            if resp.status_code != 200:
+                kind = f"http_{resp.status_code}"
+            elif len(resp.content) > MAX_METRICS_BYTES:
+                kind = "too_large"
+            else:
+                state.engine.observe_metrics(parse_vllm_metrics(resp.text), at=time.monotonic())
+                return True
+        except (httpx.HTTPError, TimeoutError) as exc:
+            kind = type(exc).__name__
+        except MetricsParseError as exc:
+            kind = "parse_error"
+            log.warning("engine %s: unparsable /metrics: %s", state.id, exc)
+        self._metrics.scrape_errors.labels(endpoint=state.id, kind=kind).inc()
+        return False
