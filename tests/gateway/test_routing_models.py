@@ -157,7 +157,9 @@ def test_metrics_exposition(
         f'switchyard_proxy_requests_total{{endpoint="{host}",model="fake-model",status="200"}} 1.0',
         "switchyard_proxy_request_duration_seconds_bucket",
         "switchyard_proxy_time_to_first_token_seconds_count",
-        f'switchyard_routing_endpoint_decisions_total{{endpoint="{host}",policy="round-robin"}} 1.0',
+        "switchyard_routing_endpoint_decisions_total"
+        f'{{endpoint="{host}",policy="round-robin"}} 1.0',
+        'switchyard_routing_decisions_total{outcome="cold",policy="round-robin"} 1.0',
         f'switchyard_endpoint_healthy_ratio{{endpoint="{host}"}} 1.0',
     ):
         assert needle in text, needle
