@@ -135,6 +135,10 @@ class Router:
             raise InvalidField(message, param=ROUTING_HEADER)
         return policy
 
+    def forget(self, endpoint_id: str) -> None:
+        """An engine left the pool: drop its prefix entries (O(index size); admin path only)."""
+        self.index.drop_endpoint(endpoint_id)
+
     async def route(
         self,
         kind: Kind,

@@ -52,6 +52,7 @@ async def remove(request: Request, endpoint_id: str) -> JSONBytes:
         state = services.endpoints.remove(endpoint_id)
     except KeyError as exc:
         raise NotFound(f"no engine with id {endpoint_id!r}", param="id") from exc
+    services.router.forget(endpoint_id)
     return JSONBytes({"removed": state.describe()})
 
 
@@ -69,6 +70,7 @@ async def reload(request: Request) -> JSONBytes:
     removed = sorted(current - wanted.keys())
     for eid in removed:
         services.endpoints.remove(eid)
+        services.router.forget(eid)
     added = []
     for eid, engine in wanted.items():
         if eid not in current:
