@@ -39,6 +39,7 @@ class FakeEngine:
     cancelled: int = 0
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    metrics_text: str | None = None  # GET /metrics answers this (Prometheus text), else 404
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -49,6 +50,10 @@ class FakeEngine:
             await _send_json(send, self.health_status, {} if self.health_status == 200 else {})
         elif path == "/v1/models" and method == "GET":
             await _send_json(send, 200, self._models())
+        elif path == "/metrics" and method == "GET" and self.metrics_text is not None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain; version=0.0.4")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": self.metrics_text.encode()})
         elif path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             await self._generate(scope, receive, send, path)
         else:

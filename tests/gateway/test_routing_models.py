@@ -189,3 +189,39 @@ def test_model_ids_with_slashes_and_unhealthy_only_models(
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_healthy_endpoint"
     assert "org/model-b" not in [m["id"] for m in client.get(f"{gw.url}/v1/models").json()["data"]]
     assert client.get(f"{gw.url}/v1/models/org/model-b").status_code == 404
+
+
+def _vllm_metrics(kv: float, waiting: int) -> str:
+    return (
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f'vllm:kv_cache_usage_perc{{model_name="fake-model"}} {kv}\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{model_name="fake-model"}} {waiting}\n'
+    )
+
+
+def test_scraped_kv_usage_steers_least_kv_cache_and_bad_pages_are_counted(
+    start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
+) -> None:
+    engines = start_engines(2)
+    engines[0][0].metrics_text = _vllm_metrics(0.9, 3)
+    engines[1][0].metrics_text = _vllm_metrics(0.1, 0)
+    full, free = (srv.url.removeprefix("http://") for _, srv in engines)
+    gw = start_gateway(
+        [srv.url for _, srv in engines],
+        routing={"policy": "least-kv-cache", "scrape_interval_s": 0.05},
+    )
+    url = f"{gw.url}/v1/chat/completions"
+    assert {_served_by(client.post(url, json=CHAT)) for _ in range(6)} == {free}
+    text = client.get(f"{gw.url}/metrics").text
+    assert f'switchyard_endpoint_waiting_requests{{endpoint="{full}"}} 3.0' in text
+    assert f'switchyard_endpoint_kv_usage_ratio{{endpoint="{full}"}} 0.9' in text
+    # The pages swap: routing follows within a few scrape intervals.
+    engines[0][0].metrics_text = _vllm_metrics(0.1, 0)
+    engines[1][0].metrics_text = _vllm_metrics(0.95, 0)
+    assert wait_until(lambda: _served_by(client.post(url, json=CHAT)) == full)
+    # An unparsable page is counted and the last good values are kept.
+    engines[0][0].metrics_text = "vllm:kv_cache_usage_perc{{{ nonsense"
+    needle = f'switchyard_scrape_errors_total{{endpoint="{full}",kind="parse_error"}}'
+    assert wait_until(lambda: needle in client.get(f"{gw.url}/metrics").text)
+    assert _served_by(client.post(url, json=CHAT)) == full
