@@ -136,7 +136,14 @@ class EndpointState:
             "in_flight": self.in_flight,
             "models": [card.id for card in self.models],
             "last_error": self.last_error,
+            **self._scraped(),
         }
+
+    def _scraped(self) -> dict[str, Any]:
+        snap = self.engine.snapshot()
+        if snap.scraped_at is None:
+            return {}
+        return {"running": snap.running, "waiting": snap.waiting, "kv_usage": snap.kv_usage}
 
 
 def default_endpoint_id(url: str) -> str:
