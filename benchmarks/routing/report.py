@@ -119,19 +119,25 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
 def print_table(rows: Sequence[RunSummary]) -> None:
     header = (
         f"{'workload':<14}{'load':>6}{'rps':>7} {'contender':<30}{'ok':>6}"
-        f"{'ttft50':>8}{'ttft90':>8}{'ttft99':>8}{'itl50':>7}{'tok/s':>9}{'hit':>6}"
-        f"  split"
+        f"{'ttft50':>8}{'ttft90':>8}{'p90 min-max':>14}{'ttft99':>8}{'itl50':>7}{'tok/s':>9}"
+        f"{'hit':>6}  split"
     )
     print(header + "\n" + "-" * len(header))
     for r in rows:
         split = "/".join(f"{s * 100:.0f}" for s in r.load_split) or "-"
+        lo_hi = r.extra.get("spread", {}).get("ttft_p90_s")
+        p90_range = f"{lo_hi[0] * 1e3:.0f}-{lo_hi[1] * 1e3:.0f}" if lo_hi else "-"
         print(
             f"{r.workload:<14}{r.fraction:>6.2f}{r.rate_rps:>7.2f} {r.contender:<30}"
             f"{r.ok:>3}/{r.requests:<3}{_ms(r.ttft_p50_s):>7}{_ms(r.ttft_p90_s):>8}"
-            f"{_ms(r.ttft_p99_s):>8}{_ms(r.itl_p50_s):>7}{_num(r.output_tok_per_s, '{:.0f}'):>9}"
+            f"{p90_range:>14}{_ms(r.ttft_p99_s):>8}{_ms(r.itl_p50_s):>7}"
+            f"{_num(r.output_tok_per_s, '{:.0f}'):>9}"
             f"{_num(r.engine_hit_rate):>6}  {split}"
         )
-    print("(latencies in simulated ms; hit = engine-reported prefix-cache hit rate)")
+    print(
+        "(latencies in simulated ms; medians over rounds, p90 min-max = spread over rounds;"
+        " hit = engine-reported prefix-cache hit rate)"
+    )
 
 
 def check_targets(rows: Sequence[RunSummary], *, ours: str) -> list[dict[str, Any]]:
@@ -144,38 +150,54 @@ def check_targets(rows: Sequence[RunSummary], *, ours: str) -> list[dict[str, An
         mine = runs.get(ours)
         if mine is None or mine.ttft_p90_s is None:
             continue
+        peer_runs = [r for n, r in runs.items() if n.startswith(("sglang-router", "vllm-router"))]
         if workload in ("shared-prefix", "multi-turn") and frac >= 0.7:
             rr = runs.get("inproc:round-robin") or runs.get("gateway:round-robin")
-            peers = [
-                r.ttft_p90_s
-                for name, r in runs.items()
-                if name.startswith(("sglang-router", "vllm-router")) and r.ttft_p90_s is not None
-            ]
+            peers = [r.ttft_p90_s for r in peer_runs if r.ttft_p90_s is not None]
             if rr and rr.ttft_p90_s:
                 out.append(_target(workload, frac, "p90 <= 0.5x round-robin",
                                    mine.ttft_p90_s, 0.5 * rr.ttft_p90_s))  # fmt: skip
             if peers:
                 out.append(_target(workload, frac, "p90 <= 0.8x better peer",
                                    mine.ttft_p90_s, 0.8 * min(peers)))  # fmt: skip
+            peer_tps = [r.output_tok_per_s for r in peer_runs if r.output_tok_per_s is not None]
+            if peer_tps and mine.output_tok_per_s is not None:
+                out.append(_target(workload, frac, "output tok/s >= every peer",
+                                   mine.output_tok_per_s, max(peer_tps),
+                                   at_least=True))  # fmt: skip
+        if workload in ("shared-prefix", "multi-turn"):
+            orc = runs.get("oracle")
+            if orc and orc.engine_hit_rate and mine.engine_hit_rate is not None:
+                out.append(_target(workload, frac, "hit rate within 10% of oracle",
+                                   mine.engine_hit_rate, 0.9 * orc.engine_hit_rate,
+                                   at_least=True))  # fmt: skip
         if workload == "unique":
             lr = runs.get("inproc:least-request") or runs.get("gateway:least-request")
             if lr and lr.ttft_p90_s:
                 out.append(_target(workload, frac, "p90 within 5% of least-request",
                                    mine.ttft_p90_s, 1.05 * lr.ttft_p90_s))  # fmt: skip
+            if lr and lr.output_tok_per_s and mine.output_tok_per_s is not None:
+                out.append(_target(workload, frac, "tok/s within 5% of least-request",
+                                   mine.output_tok_per_s, 0.95 * lr.output_tok_per_s,
+                                   at_least=True))  # fmt: skip
             if mine.load_split_max_dev is not None:
                 out.append(_target(workload, frac, "load split within +-10%",
                                    mine.load_split_max_dev, 0.10))  # fmt: skip
     return out
 
 
-def _target(workload: str, frac: float, name: str, value: float, limit: float) -> dict[str, Any]:
+def _target(
+    workload: str, frac: float, name: str, value: float, limit: float, *, at_least: bool = False
+) -> dict[str, Any]:
+    """``value <= limit`` (``at_least``: ``value >= limit``) is met."""
     return {
         "workload": workload,
         "load": frac,
         "target": name,
         "value": value,
         "limit": limit,
-        "met": value <= limit,
+        "at_least": at_least,
+        "met": value >= limit if at_least else value <= limit,
     }
 
 

@@ -22,6 +22,7 @@ Contenders (``kind:policy``):
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -54,6 +55,8 @@ class BenchConfig:
     spec: WorkloadSpec
     engines: int = 4
     profile: str = "llama3-8b-a100"
+    kv_blocks: int | None = None
+    """Override the profile's ``num_gpu_blocks`` (KV capacity per engine), timing unchanged."""
     model: str = "llama3-8b"
     speed: float = 10.0
     seed: int = 0
@@ -228,9 +231,30 @@ def oracle_row(
     )
 
 
+def sized_profile(cfg: BenchConfig) -> BenchConfig:
+    """``cfg`` with its profile replaced by a JSON copy holding ``kv_blocks`` GPU blocks."""
+    if cfg.kv_blocks is None:
+        return cfg
+    base = load_profile(cfg.profile)
+    raw = {k: getattr(base, k) for k in base.__dataclass_fields__}
+    raw.update(num_gpu_blocks=cfg.kv_blocks, name=f"{base.name}-kv{cfg.kv_blocks}")
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.log_dir / f"{base.name}-kv{cfg.kv_blocks}.json"
+    path.write_text(json.dumps(raw, indent=1, default=str))
+    load_profile(path)  # fail early if the copy does not load
+    return replace(cfg, profile=str(path))
+
+
 def run_benchmark(cfg: BenchConfig) -> tuple[list[RunSummary], dict[str, Any]]:
+    cfg = sized_profile(cfg)
     rows: list[RunSummary] = []
-    meta: dict[str, Any] = {"config": {**_jsonable(cfg)}, "saturation": {}, "skipped": []}
+    kv = load_profile(cfg.profile)
+    meta: dict[str, Any] = {
+        "config": {**_jsonable(cfg)},
+        "kv_tokens_per_engine": kv.num_gpu_blocks * kv.block_size,
+        "saturation": {},
+        "skipped": [],
+    }
     step = 0
     for workload in cfg.workloads:
         if cfg.saturation_rps is not None:
@@ -274,12 +298,40 @@ def run_benchmark(cfg: BenchConfig) -> tuple[list[RunSummary], dict[str, Any]]:
     return rows, meta
 
 
+_MEDIAN_FIELDS = (
+    "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_p50_s", "output_tok_per_s", "engine_hit_rate",
+)  # fmt: skip
+
+
 def median_run(runs: Sequence[RunSummary]) -> RunSummary:
-    """The round whose TTFT p90 is the median, carrying every round's p50/p90 in ``extra``."""
+    """Per metric the median over rounds, plus ``extra["spread"]``: metric -> [min, max].
+
+    The row (load split, errors, run info) is the round whose TTFT p90 is the median; its
+    latency, throughput and hit-rate fields are each replaced by their median over the
+    rounds (the lower middle for an even count). Every round's numbers stay in
+    ``extra["rounds"]``.
+    """
     ordered = sorted(runs, key=lambda r: r.ttft_p90_s if r.ttft_p90_s is not None else 1e18)
     chosen = ordered[(len(ordered) - 1) // 2]
-    rounds = [{"ttft_p50_s": r.ttft_p50_s, "ttft_p90_s": r.ttft_p90_s} for r in runs]
-    return replace(chosen, extra={**chosen.extra, "rounds": rounds})
+    medians: dict[str, float | None] = {}
+    spread: dict[str, list[float]] = {}
+    for name in _MEDIAN_FIELDS:
+        values = sorted(v for r in runs if (v := getattr(r, name)) is not None)
+        medians[name] = values[(len(values) - 1) // 2] if values else None
+        if values:
+            spread[name] = [values[0], values[-1]]
+    rounds = [{name: getattr(r, name) for name in _MEDIAN_FIELDS} for r in runs]
+    extra = {**chosen.extra, "rounds": rounds, "spread": spread}
+    return replace(
+        chosen,
+        ttft_p50_s=medians["ttft_p50_s"],
+        ttft_p90_s=medians["ttft_p90_s"],
+        ttft_p99_s=medians["ttft_p99_s"],
+        itl_p50_s=medians["itl_p50_s"],
+        output_tok_per_s=medians["output_tok_per_s"],
+        engine_hit_rate=medians["engine_hit_rate"],
+        extra=extra,
+    )
 
 
 def _truncate(requests: list[BenchRequest], n: int) -> list[BenchRequest]:

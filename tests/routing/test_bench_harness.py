@@ -165,7 +165,43 @@ def test_summarize_and_targets() -> None:
         results=results, speed=5.0, before=before, after=after,
     )  # fmt: skip
     targets = {t["target"]: t["met"] for t in check_targets([row, lr], ours=row.contender)}
-    assert targets == {"p90 within 5% of least-request": False, "load split within +-10%": False}
+    assert targets == {
+        "p90 within 5% of least-request": False,
+        "tok/s within 5% of least-request": False,  # 1.0 vs 0.95 x 2.0
+        "load split within +-10%": False,
+    }
+
+
+def test_targets_cache_workloads_table() -> None:
+    from dataclasses import replace as dc_replace
+
+    base = summarize(
+        workload="shared-prefix", contender="x", rate_rps=1.0, fraction=0.8, results=[],
+        speed=1.0, before={}, after={},
+    )  # fmt: skip
+    cases = [  # (ours p90, tok/s, hit), expected met per target
+        ((0.2, 110.0, 0.65), {"rr": True, "peer": True, "tps": True, "hit": True}),
+        ((0.3, 99.0, 0.62), {"rr": False, "peer": False, "tps": False, "hit": False}),
+    ]
+    names = {
+        "p90 <= 0.5x round-robin": "rr",
+        "p90 <= 0.8x better peer": "peer",
+        "output tok/s >= every peer": "tps",
+        "hit rate within 10% of oracle": "hit",
+    }
+    for (p90, tps, hit), expected in cases:
+        rows = [
+            dc_replace(base, contender="ours", ttft_p90_s=p90, output_tok_per_s=tps,
+                       engine_hit_rate=hit),
+            dc_replace(base, contender="inproc:round-robin", ttft_p90_s=0.5),
+            dc_replace(base, contender="sglang-router:cache_aware", ttft_p90_s=0.3,
+                       output_tok_per_s=100.0),
+            dc_replace(base, contender="vllm-router:cache_aware", ttft_p90_s=0.4,
+                       output_tok_per_s=90.0),
+            dc_replace(base, contender="oracle", engine_hit_rate=0.7),
+        ]  # fmt: skip
+        got = {names[t["target"]]: t["met"] for t in check_targets(rows, ours="ours")}
+        assert got == expected, (p90, tps, hit)
 
 
 def test_pct() -> None:
@@ -201,3 +237,10 @@ def test_median_run_picks_the_median_p90_round() -> None:
     chosen = median_run(runs)
     assert chosen.ttft_p90_s == 0.2
     assert [r["ttft_p90_s"] for r in chosen.extra["rounds"]] == [0.3, None, 0.1, 0.2]
+    assert chosen.extra["spread"]["ttft_p90_s"] == [0.1, 0.3]
+    tps = [
+        dc_replace(base, ttft_p90_s=0.1 * i, output_tok_per_s=t) for i, t in enumerate((5, 1, 3))
+    ]
+    mixed = median_run(tps)  # each metric its own median
+    assert (mixed.ttft_p90_s, mixed.output_tok_per_s) == (0.1, 3)
+    assert mixed.extra["spread"]["output_tok_per_s"] == [1, 5]
