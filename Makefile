@@ -8,7 +8,7 @@ ENGINES ?= 4
 # The real vLLM engine lives in a cached venv outside the repository (3.5 GB; see docs/enginesim.md).
 REAL_ENGINE_HOME ?= $(HOME)/.cache/switchyard/real-engine
 
-.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing clean
+.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ bench-engine: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(PY) -m benchmarks.routing
+
+# Prefix-cache vs round-robin routing through the gateway in front of two real vLLM CPU engines.
+bench-real-routing: $(STAMP)
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) bash scripts/real_engine_setup.sh
+	REAL_ENGINE_HOME=$(REAL_ENGINE_HOME) $(PY) -m benchmarks.engine.real_routing
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache build *.egg-info
