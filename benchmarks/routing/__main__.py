@@ -19,8 +19,8 @@ from benchmarks.routing.workloads import WORKLOADS
 
 OURS = "inproc:prefix-cache"
 GATEWAY = "gateway:prefix-cache"
-QUICK_KV_BLOCKS = 1536
-"""Quick mode's KV capacity per engine: 1,536 x 16 = 24,576 tokens (see README, Workloads)."""
+QUICK_KV_BLOCKS = 1024
+"""Quick mode's KV capacity per engine: 1,024 x 16 = 16,384 tokens (see README, Workloads)."""
 DEFAULT_CONTENDERS = (
     "inproc:random",
     "inproc:round-robin",
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="repeat each step (order rotated); report medians and min-max")  # fmt: skip
     p.add_argument("--kv-blocks", type=int, default=None,
-                   help="GPU KV blocks per engine (quick: 1536; 0: the profile's)")  # fmt: skip
+                   help="GPU KV blocks per engine (quick: 1024; 0: the profile's)")  # fmt: skip
     p.add_argument("--probe-requests", type=int, default=None, help="requests per probe step")
     p.add_argument("--saturation", type=float, default=None,
                    help="skip the probe: saturation rate in simulated req/s")  # fmt: skip
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         speed=args.speed or 2.0,
         seed=args.seed,
         rounds=max(1, args.rounds),
-        max_requests=args.max_requests or (750 if full else 150),
+        max_requests=args.max_requests or (750 if full else 200),
         probe_requests=args.probe_requests or (200 if full else 80),
         saturation_rps=args.saturation,
         max_run_wall_s=900.0 if full else 120.0,
