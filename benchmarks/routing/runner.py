@@ -175,7 +175,8 @@ def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, 
 
     A ramp of short open-loop runs starting at a quarter of the uncached-prefill bound,
     x1.5 per step, stops at the first step whose TTFT p50 exceeds 3x the first step's or whose
-    TTFT grows across the run (a queue building up); the previous step's rate is the answer.
+    TTFT grows across the run (a queue building up) twice in a row at the same rate (once
+    may be a stall of the shared host); the previous step's rate is the answer.
     """
     profile = load_profile(cfg.profile)
     sample = generate(workload, cfg.spec, rate=1.0, seed=cfg.seed)[: cfg.probe_requests]
@@ -184,7 +185,8 @@ def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, 
     steps: list[dict[str, Any]] = []
     base: float | None = None
     sustained: float | None = None
-    for _ in range(cfg.probe_steps):
+    retried = False
+    for _ in range(cfg.probe_steps + 2):
         requests = _truncate(
             generate(workload, cfg.spec, rate=rate, seed=cfg.seed), cfg.probe_requests
         )
@@ -196,10 +198,16 @@ def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, 
         saturated = p50 is None or growing or (base is not None and p50 > 3.0 * base)
         steps.append({"rate": rate, "ttft_p50_s": p50, "growing": growing, "saturated": saturated})
         print(f"  probe {rate:7.2f} req/s: ttft p50 {p50} growing {growing}", flush=True)
+        if saturated and not retried:
+            retried = True  # a host stall can fake a knee once: confirm it at the same rate
+            continue
         if saturated:
             break
+        retried = False
         sustained = rate
         rate *= 1.5
+        if sum(1 for st in steps if not st["saturated"]) >= cfg.probe_steps:
+            break
     return (sustained or rate / 1.5), {"probe_steps": steps}
 
 
