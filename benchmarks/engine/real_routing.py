@@ -347,7 +347,7 @@ def compare(layout: RealEngineLayout, w: Workload, modes: Sequence[str]) -> list
 
 
 def table(results: Sequence[PolicyResult]) -> str:
-    head = f"{'policy':<13}{'blocks':<8}{'req/engine':<12}{'queries':>9}{'hits':>8}"
+    head = f"{'policy':<13}{'prefix':<8}{'req/engine':<12}{'queries':>9}{'hits':>8}"
     head += f"{'hit rate':>10}{'TTFT p50':>10}{'p90':>8}"
     lines = [head]
     for r in results:
@@ -379,8 +379,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table(results))
     rr = results[0].prefix_hits
     for r in results[1:]:
-        ratio = r.prefix_hits / rr if rr else float("inf")
-        print(f"prefix-cache ({r.prefix_mode}) / round-robin hits: {ratio:.2f}x")
+        ratio = f"{r.prefix_hits / rr:.2f}x" if rr else "inf (round-robin: 0 hits)"
+        print(f"prefix-cache ({r.prefix_mode}) / round-robin hits: {ratio}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "workload": asdict(w),
