@@ -20,6 +20,7 @@ The route handler parses and routes (errors there are ordinary exceptions); it t
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -62,6 +63,13 @@ _DROP_RESPONSE_HEADERS = frozenset(
 )  # fmt: skip
 _FORWARD_REQUEST_HEADERS = ("content-type", "accept", "user-agent")
 CLIENT_CLOSED = 499
+_TOKEN_MARKERS = re.compile(rb'"(?:content|text)":\s*"[^"]')
+"""An SSE chunk carrying generated text (not the empty role delta engines may send first)."""
+
+
+def carries_token(chunk: bytes) -> bool:
+    """True if ``chunk`` holds generated text: the first such chunk ends the prefill."""
+    return _TOKEN_MARKERS.search(chunk) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +351,9 @@ class Proxy:
         """Commit to this engine: head, then every chunk as it comes, then accounting."""
         out.endpoint_id = state.id
         sse = _is_sse(upstream)
-        if sse:
+        if sse and carries_token(first):
+            # vLLM and enginesim may send an empty role delta before any token: the prefill
+            # (queued work the prefix-cache cost model counts) ends with the first text.
             out.ttft_s = time.perf_counter() - plan.started
             state.engine.first_token(ticket, ttft_s=out.ttft_s)
         if not out.started:
@@ -351,7 +361,9 @@ class Proxy:
         if first:
             await send({"type": "http.response.body", "body": first, "more_body": True})
         try:
-            kept = await self._pump(state, ticket, chunks, send, first=first, sse=sse)
+            kept = await self._pump(
+                state, ticket, chunks, send, first=first, sse=sse, plan=plan, out=out
+            )
         except UpstreamError as exc:
             self._attempt_failed(state, exc)
             await self._end_stream(state, exc, send, out)
@@ -376,6 +388,8 @@ class Proxy:
         *,
         first: bytes,
         sse: bool,
+        plan: ProxyPlan,
+        out: _Outcome,
     ) -> bytes:
         """Forward the remaining chunks unchanged; returns the bounded tail (SSE) or body."""
         keep = bytearray(first)
@@ -386,6 +400,9 @@ class Proxy:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if sse:
                     now = time.perf_counter()
+                    if not ticket.started and carries_token(chunk):
+                        out.ttft_s = now - plan.started
+                        state.engine.first_token(ticket, ttft_s=out.ttft_s)
                     state.engine.tokens(ticket, n=chunk.count(b"data: {"), itl_s=now - last)
                     last = now
                     keep += chunk

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         contenders=args.contenders or DEFAULT_CONTENDERS,
         fractions=tuple(float(f) for f in args.fractions)
         if args.fractions
-        else ((0.3, 0.5, 0.7, 0.9, 1.0) if full else (0.5, 0.8)),
+        else ((0.3, 0.5, 0.7, 0.9, 1.0) if full else (0.8,)),
         kv_blocks=_kv_blocks(args.kv_blocks, full),
         spec=WORKLOADS["full" if full else "quick"],
         engines=args.engines,
