@@ -36,6 +36,7 @@ import anyio.to_thread
 from gateway.parsing import CHARS_PER_TOKEN, Kind
 from gateway.settings import PrefixSettings
 from kvcache import hash_byte_blocks, hash_token_blocks
+from kvcache.prompt import message_text, render_chatml
 
 __all__ = ["Blocks", "PromptHasher", "chatml", "prompt_text"]
 
@@ -57,23 +58,9 @@ class Blocks:
 NO_BLOCKS = Blocks((), 16, "none")
 
 
-def _content(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, Mapping) and part.get("type", "text") == "text"
-        )
-    return str(content)
-
-
 def _pairs(messages: Sequence[Any]) -> list[tuple[str, str]]:
     return [
-        (str(m.get("role", "user")), _content(m.get("content")))
+        (str(m.get("role", "user")), message_text(m.get("content")))
         for m in messages
         if isinstance(m, Mapping)
     ]
@@ -81,13 +68,7 @@ def _pairs(messages: Sequence[Any]) -> list[tuple[str, str]]:
 
 def chatml(messages: Sequence[Any], *, default_system: str | None = None) -> str:
     """OpenAI messages as a ChatML prompt with the generation prompt appended."""
-    pairs = _pairs(messages)
-    out: list[str] = []
-    if default_system is not None and not any(role == "system" for role, _ in pairs):
-        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-    out.extend(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in pairs)
-    out.append("<|im_start|>assistant\n")
-    return "".join(out)
+    return render_chatml(_pairs(messages), default_system=default_system)
 
 
 def prompt_text(kind: Kind, prompt: Any) -> str | None:

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import xxhash
 
+from kvcache.prompt import message_text, render_chatml
+
 __all__ = [
     "CHATML_SPECIALS",
     "ChatCodec",
@@ -172,20 +174,6 @@ def load_tokenizer(path: str | Path | None = None, *, vocab_size: int = 49152) -
     return HFTokenizer(p)
 
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        return "".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, Mapping) and part.get("type", "text") == "text"
-        )
-    return str(content)
-
-
 Message = Mapping[str, Any] | tuple[str, str]
 """An OpenAI message mapping (``{"role", "content"}``) or a ``(role, content)`` pair."""
 
@@ -202,17 +190,12 @@ def chat_prompt(
     does this with "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
     """
     pairs = [
-        m if isinstance(m, tuple) else (str(m.get("role", "user")), _content_text(m.get("content")))
+        m if isinstance(m, tuple) else (str(m.get("role", "user")), message_text(m.get("content")))
         for m in messages
     ]
-    out: list[str] = []
-    if default_system is not None and not any(role == "system" for role, _ in pairs):
-        out.append(f"<|im_start|>system\n{default_system}<|im_end|>\n")
-    for role, content in pairs:
-        out.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-    if add_generation_prompt:
-        out.append("<|im_start|>assistant\n")
-    return "".join(out)
+    return render_chatml(
+        pairs, add_generation_prompt=add_generation_prompt, default_system=default_system
+    )
 
 
 class ChatCodec:
