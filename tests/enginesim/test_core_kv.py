@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from enginesim.core.api import KVEvent, SimRequest
 from enginesim.core.engine import EngineCore
 from enginesim.core.kv import KVCache
 from enginesim.core.profile import EngineProfile, load_profile
 from kvcache.hashing import hash_token_blocks
+from tests.enginesim.tiny_profile import tiny_profile
 
 
 def _profile(**kw: object) -> EngineProfile:
-    base = EngineProfile(
-        name="test",
-        model="m",
-        block_size=4,
-        num_gpu_blocks=16,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        max_model_len=256,
-        c0_s=0.5,
-        c_prefill_s=0.25,
-        c_attn_s=2.0**-7,
-        c_decode_s=0.125,
-        c_ctx_s=2.0**-9,
-        vocab_size=1000,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return tiny_profile(**kw)
 
 
 def _req(rid: str, prompt: tuple[int, ...], max_tokens: int = 1, **kw: object) -> SimRequest:

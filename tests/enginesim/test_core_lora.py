@@ -2,38 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from enginesim.core.api import SimRequest
 from enginesim.core.engine import EngineCore
 from enginesim.core.lora import LoraManager
 from enginesim.core.profile import EngineProfile
+from tests.enginesim.tiny_profile import tiny_profile
 
 
 def _profile(**kw: object) -> EngineProfile:
-    base = EngineProfile(
-        name="test",
-        model="m",
-        block_size=4,
-        num_gpu_blocks=64,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        max_model_len=256,
-        c0_s=0.5,
-        c_prefill_s=0.25,
-        c_attn_s=0.0,
-        c_decode_s=0.125,
-        c_ctx_s=0.0,
-        vocab_size=1000,
-        max_loras=1,
-        max_cpu_loras=2,
-        lora_load_bytes_per_s=1e9,
-        lora_disk_bytes_per_s=2.5e8,
-        lora_load_overhead_s=0.0,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    lora: dict[str, object] = {
+        "num_gpu_blocks": 64,
+        "c_attn_s": 0.0,
+        "c_ctx_s": 0.0,
+        "max_loras": 1,
+        "max_cpu_loras": 2,
+        "lora_load_bytes_per_s": 1e9,
+        "lora_disk_bytes_per_s": 2.5e8,
+        "lora_load_overhead_s": 0.0,
+    }
+    return tiny_profile(**{**lora, **kw})
 
 
 def _req(rid: str, max_tokens: int, adapter: str | None = None) -> SimRequest:

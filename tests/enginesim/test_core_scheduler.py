@@ -10,25 +10,11 @@ from enginesim.core.api import KVEvent, RequestOutput, SimRequest
 from enginesim.core.engine import EngineCore
 from enginesim.core.profile import EngineProfile
 from kvcache.hashing import hash_token_blocks
+from tests.enginesim.tiny_profile import tiny_profile
 
 
 def _profile(**kw: object) -> EngineProfile:
-    base = EngineProfile(
-        name="test",
-        model="m",
-        block_size=4,
-        num_gpu_blocks=6,
-        max_num_seqs=8,
-        max_num_batched_tokens=64,
-        max_model_len=256,
-        c0_s=0.5,
-        c_prefill_s=0.25,
-        c_attn_s=2.0**-7,
-        c_decode_s=0.125,
-        c_ctx_s=2.0**-9,
-        vocab_size=1000,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return tiny_profile(**{"num_gpu_blocks": 6, **kw})
 
 
 def _req(rid: str, prompt: tuple[int, ...], max_tokens: int, **kw: object) -> SimRequest:
