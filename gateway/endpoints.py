@@ -230,12 +230,16 @@ class EndpointRegistry:
         prompt_tokens: int = 0,
         max_tokens: int | None = None,
         cached_tokens: int = 0,
+        seq: int | None = None,
     ) -> Iterator[Ticket]:
         """Count one request in flight on ``state`` until the block exits, however it exits
         (success, error, stream end, cancellation by a client disconnect); ``cached_tokens``
         is the expected prefix-cache hit there (not queued as prefill work)."""
         ticket = state.engine.begin(
-            prompt_tokens=prompt_tokens, max_tokens=max_tokens, cached_tokens=cached_tokens
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            cached_tokens=cached_tokens,
+            seq=seq,
         )
         try:
             yield ticket

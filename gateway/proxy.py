@@ -222,6 +222,7 @@ class Proxy:
                         max_tokens=plan.route.max_tokens,
                         cached_tokens=plan.route.prefix_blocks.get(state.id, 0)
                         * plan.route.block_tokens,
+                        seq=plan.route.seq,
                     )
                 )
                 try:

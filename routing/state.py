@@ -59,6 +59,7 @@ class EngineState:
         "_in_flight",
         "_in_flight_tokens",
         "_itl",
+        "_last_seq",
         "_metrics",
         "_models",
         "_prefill_tokens",
@@ -80,6 +81,7 @@ class EngineState:
         self._in_flight = 0
         self._in_flight_tokens = 0
         self._prefill_tokens = 0
+        self._last_seq = -1
         self._ttft: float | None = None
         self._itl: float | None = None
         self._metrics = EngineMetrics()
@@ -93,9 +95,15 @@ class EngineState:
 
     # -- request path -------------------------------------------------------------------
     def begin(
-        self, *, prompt_tokens: int, max_tokens: int | None = None, cached_tokens: int = 0
+        self,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None = None,
+        cached_tokens: int = 0,
+        seq: int | None = None,
     ) -> Ticket:
-        """Count a request routed here; ``cached_tokens`` is the expected prefix-cache hit."""
+        """Count a request routed here; ``cached_tokens`` is the expected prefix-cache hit,
+        ``seq`` its ``RouteRequest.seq`` (for least-recently-routed tie-breaks)."""
         expected = max_tokens if max_tokens is not None else DEFAULT_OUTPUT_TOKENS
         uncached = max(0, prompt_tokens - max(0, cached_tokens))
         ticket = Ticket(
@@ -104,6 +112,8 @@ class EngineState:
         self._in_flight += 1
         self._in_flight_tokens += prompt_tokens + expected
         self._prefill_tokens += uncached
+        if seq is not None:
+            self._last_seq = max(self._last_seq, seq)
         self.prompt_tokens_total += prompt_tokens
         self._cached = None
         return ticket
@@ -180,6 +190,7 @@ class EngineState:
                 prefill_tokens=self._prefill_tokens,
                 block_size=m.block_size,
                 running_adapters=m.running_adapters | m.waiting_adapters,
+                last_routed_seq=self._last_seq,
             )
         return self._cached
 

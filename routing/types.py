@@ -64,6 +64,10 @@ class EndpointSnapshot:
     """The engine's KV block size in tokens (``vllm:cache_config_info``), when known."""
     running_adapters: frozenset[str] = frozenset()
     """LoRA adapters with requests running or waiting (``vllm:lora_requests_info``)."""
+    last_routed_seq: int = -1
+    """``RouteRequest.seq`` of the last request routed here (-1: none yet). Pickers break
+    ties least-recently-routed first, so tied (cold, idle) traffic rotates over endpoints
+    even one request at a time, and a newly added endpoint gets one turn, not a burst."""
 
     @property
     def load(self) -> int:

@@ -136,6 +136,7 @@ class InProcRouter:
             prompt_tokens=rreq.prompt_tokens,
             max_tokens=req.max_tokens,
             cached_tokens=matched.get(chosen.endpoint_id, 0) * rreq.block_tokens,
+            seq=rreq.seq,
         )
         self.index.insert(chosen.endpoint_id, hashes)
         self.route_s.append(time.perf_counter() - t0)

@@ -1,6 +1,11 @@
 """Basic pickers (max-score, random, round-robin): combined scores -> a ranking.
 
-Ties are spread, never piled on one endpoint.
+Ties are spread, never piled on one endpoint: among equal scores the endpoint routed to
+least recently (``EndpointSnapshot.last_routed_seq``) comes first, then a seq-derived
+pseudo-random order. The first alone makes tied traffic rotate like round-robin at any
+concurrency (even strictly one request at a time, where every endpoint is idle and tied:
+the peers' ``cache_aware`` sends 100 % of such traffic to one worker); the second spreads
+endpoints that have never been routed to, or snapshots built without the counter.
 
 Randomness is derived from ``RouteRequest.seq`` through xxhash, so pickers are pure and
 table-testable while consecutive requests still spread across equal endpoints.
@@ -23,7 +28,8 @@ def jitter(seq: int, endpoint_id: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class MaxScorePicker:
-    """Highest score first; scores within ``tie_epsilon`` count as equal and are shuffled by seq.
+    """Highest score first; scores within ``tie_epsilon`` count as equal and are ordered
+    least-recently-routed first, then shuffled by seq.
 
     Example: ``MaxScorePicker().pick(req, eps, [0.2, 0.9])[0] is eps[1]``.
     """
@@ -39,9 +45,10 @@ class MaxScorePicker:
     ) -> list[EndpointSnapshot]:
         eps = self.tie_epsilon
 
-        def key(pair: tuple[EndpointSnapshot, float]) -> tuple[int, int]:
+        def key(pair: tuple[EndpointSnapshot, float]) -> tuple[int, int, int]:
             ep, score = pair
-            return (-int(score / eps) if eps > 0 else 0, jitter(req.seq, ep.id))
+            bucket = -int(score / eps) if eps > 0 else 0
+            return (bucket, ep.last_routed_seq, jitter(req.seq, ep.id))
 
         return [ep for ep, _ in sorted(zip(endpoints, scores, strict=True), key=key)]
 

@@ -98,3 +98,13 @@ def test_metrics_flow_into_snapshot() -> None:
 def test_bad_alpha(alpha: float) -> None:
     with pytest.raises(ValueError):
         EngineState("e", "u", alpha=alpha)
+
+
+def test_begin_records_the_latest_routed_seq() -> None:
+    st = EngineState("e", "http://e")
+    assert st.snapshot().last_routed_seq == -1
+    st.begin(prompt_tokens=10, seq=7)
+    st.begin(prompt_tokens=10)  # no seq (e.g. a caller without a RouteRequest): unchanged
+    assert st.snapshot().last_routed_seq == 7
+    st.begin(prompt_tokens=10, seq=3)  # a late failover attempt never moves it back
+    assert st.snapshot().last_routed_seq == 7
