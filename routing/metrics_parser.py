@@ -139,7 +139,7 @@ def _wanted_lines(text: str) -> str:
             continue
         if _SAMPLE_LINE.match(line) is None:
             raise MetricsParseError(f"not Prometheus exposition format: {line[:80]!r}")
-        end = min((i for i in (line.find("{"), line.find(" "), line.find("\t")) if i >= 0))
+        end = min(i for i in (line.find("{"), line.find(" "), line.find("\t")) if i >= 0)
         if line[:end] in _WANTED:
             keep.append(line)
     return "\n".join(keep) + "\n"

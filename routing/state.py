@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from routing.metrics_parser import EngineMetrics
-from routing.types import EndpointSnapshot
+from routing.types import RECENT_WINDOW, EndpointSnapshot
 
 __all__ = ["EngineState", "Ticket"]
 
@@ -63,6 +63,7 @@ class EngineState:
         "_metrics",
         "_models",
         "_prefill_tokens",
+        "_recent",
         "_scraped_at",
         "_ttft",
         "completed",
@@ -82,6 +83,7 @@ class EngineState:
         self._in_flight_tokens = 0
         self._prefill_tokens = 0
         self._last_seq = -1
+        self._recent = 0.0
         self._ttft: float | None = None
         self._itl: float | None = None
         self._metrics = EngineMetrics()
@@ -103,7 +105,8 @@ class EngineState:
         seq: int | None = None,
     ) -> Ticket:
         """Count a request routed here; ``cached_tokens`` is the expected prefix-cache hit,
-        ``seq`` its ``RouteRequest.seq`` (for least-recently-routed tie-breaks)."""
+        ``seq`` its ``RouteRequest.seq`` (least-recently-routed tie-breaks and the decayed
+        recent-traffic count; an older ``seq``, a late failover attempt, changes neither)."""
         expected = max_tokens if max_tokens is not None else DEFAULT_OUTPUT_TOKENS
         uncached = max(0, prompt_tokens - max(0, cached_tokens))
         ticket = Ticket(
@@ -112,8 +115,11 @@ class EngineState:
         self._in_flight += 1
         self._in_flight_tokens += prompt_tokens + expected
         self._prefill_tokens += uncached
-        if seq is not None:
-            self._last_seq = max(self._last_seq, seq)
+        if seq is not None and seq >= self._last_seq:
+            if self._last_seq >= 0:
+                self._recent *= (1.0 - 1.0 / RECENT_WINDOW) ** (seq - self._last_seq)
+            self._recent += 1.0
+            self._last_seq = seq
         self.prompt_tokens_total += prompt_tokens
         self._cached = None
         return ticket
@@ -190,6 +196,7 @@ class EngineState:
                 prefill_tokens=self._prefill_tokens,
                 block_size=m.block_size,
                 running_adapters=m.running_adapters | m.waiting_adapters,
+                recent_routed=self._recent,
                 last_routed_seq=self._last_seq,
             )
         return self._cached

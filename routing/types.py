@@ -64,6 +64,11 @@ class EndpointSnapshot:
     """The engine's KV block size in tokens (``vllm:cache_config_info``), when known."""
     running_adapters: frozenset[str] = frozenset()
     """LoRA adapters with requests running or waiting (``vllm:lora_requests_info``)."""
+    recent_routed: float = 0.0
+    """Requests routed here, exponentially decayed per request routed anywhere (window
+    :data:`RECENT_WINDOW`), as of ``last_routed_seq``; see :func:`recent_routed_at`. It is
+    this endpoint's recent traffic share: unlike in-flight counts it remembers sticky work
+    between turns (a session thinking, a prefix group between arrivals)."""
     last_routed_seq: int = -1
     """``RouteRequest.seq`` of the last request routed here (-1: none yet). Pickers break
     ties least-recently-routed first, so tied (cold, idle) traffic rotates over endpoints
@@ -73,6 +78,17 @@ class EndpointSnapshot:
     def load(self) -> int:
         """Requests this endpoint is working on, by the larger of our count and its own."""
         return max(self.in_flight, self.running + self.waiting)
+
+
+RECENT_WINDOW = 256
+"""Decay horizon of ``EndpointSnapshot.recent_routed``, in requests routed gateway-wide."""
+
+
+def recent_routed_at(ep: EndpointSnapshot, seq: int) -> float:
+    """``ep.recent_routed`` decayed to request ``seq`` (0 for an endpoint never routed to)."""
+    if ep.last_routed_seq < 0:
+        return 0.0
+    return ep.recent_routed * (1.0 - 1.0 / RECENT_WINDOW) ** max(0, seq - ep.last_routed_seq)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 import orjson
@@ -19,7 +20,8 @@ from routing.registry import builtin_policies
 
 SMALL = WorkloadSpec(
     groups=4, per_group=3, system_words=300, question_words=20, shared_output=4,
-    sessions=3, turns=3, session_system_words=50, turn_words=10, reply_words=10,
+    sessions=3, turns=3, shared_system_words=0, session_system_words=50, turn_words=10,
+    reply_words=10,
     turn_output=4, think_s=0.01, unique=6, unique_words=40, unique_output=4,
 )  # fmt: skip
 
@@ -244,3 +246,11 @@ def test_median_run_picks_the_median_p90_round() -> None:
     mixed = median_run(tps)  # each metric its own median
     assert (mixed.ttft_p90_s, mixed.output_tok_per_s) == (0.1, 3)
     assert mixed.extra["spread"]["output_tok_per_s"] == [1, 5]
+
+
+def test_multi_turn_sessions_share_one_system_prompt_then_their_own_history() -> None:
+    spec = replace(SMALL, shared_system_words=30)
+    systems = {r.messages[0][1] for r in generate("multi-turn", spec, rate=1.0)}
+    assert len(systems) == spec.sessions
+    assert len({" ".join(s.split()[:30]) for s in systems}) == 1
+    assert len({" ".join(s.split()[30:]) for s in systems}) == spec.sessions

@@ -116,3 +116,37 @@ def test_recompute_weight_makes_warm_endpoints_stickier(weight: float, expected_
     endpoints = [ep("e0"), ep("e1", prefill_tokens=2500)]
     scores = cost.score(req(2000, {"e1": 100}), endpoints)
     assert endpoints[scores.index(max(scores))].id == expected_first
+
+
+def _recent(share: float) -> dict[str, Any]:
+    return {"recent_routed": share * 100, "last_routed_seq": 50}
+
+
+@pytest.mark.parametrize(
+    ("endpoint_kw", "blocks", "expected_first"),
+    [
+        # warm everywhere (a shared system prompt), equal queues: the one holding less of
+        # the recent traffic takes the new session
+        (
+            [{"in_flight": 5, **_recent(0.4)}, {"in_flight": 5, **_recent(0.1)}],
+            {"e0": 30, "e1": 30},
+            "e1",
+        ),
+        # nothing in flight: imbalance costs nothing, the term is 0 and the longer match wins
+        ([_recent(0.9), _recent(0.1)], {"e0": 40, "e1": 30}, "e0"),
+        # a long warm prefix keeps its engine despite holding 64 % of the recent traffic
+        ([{"in_flight": 5, **_recent(0.45)}, {"in_flight": 5, **_recent(0.25)}], {"e0": 120}, "e0"),
+    ],
+)
+def test_balance_term_steers_only_near_ties(
+    endpoint_kw: list[dict[str, Any]], blocks: dict[str, int], expected_first: str
+) -> None:
+    endpoints = [ep(f"e{i}", **kw) for i, kw in enumerate(endpoint_kw)]
+    scores = PrefixCacheCost().score(req(2000, blocks, seq=50), endpoints)
+    assert endpoints[scores.index(max(scores))].id == expected_first
+
+
+def test_balance_term_is_off_when_zero() -> None:
+    endpoints = [ep("e0", in_flight=5, **_recent(0.4)), ep("e1", in_flight=5, **_recent(0.1))]
+    costs = PrefixCacheCost(balance_s=0).score(req(2000, {"e0": 30, "e1": 30}, seq=50), endpoints)
+    assert costs[0] == costs[1]
