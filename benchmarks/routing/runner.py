@@ -179,11 +179,15 @@ def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, 
     may be a stall of the shared host); the previous step's rate is the answer. Workloads
     with sessions (multi-turn, mix) skip the growth test: their later requests are later
     turns with longer contexts, so TTFT rises across a run at any load (it fired at 26.6 req/s
-    with least-request's TTFT p50 at 83 ms, 1.3x the first step's).
+    with least-request's TTFT p50 at 83 ms, 1.3x the first step's). They also probe with the
+    whole run (``max_requests``), not ``probe_requests``: the first 160 requests are the
+    first turns of a few sessions, whose think-time-gated load never reaches a knee (the
+    probe ran into its step cap at 134.7 req/s, 8x the real saturation).
     """
     sessions = workload in ("multi-turn", "mix")
+    probe_n = cfg.max_requests if sessions else cfg.probe_requests
     profile = load_profile(cfg.profile)
-    sample = generate(workload, cfg.spec, rate=1.0, seed=cfg.seed)[: cfg.probe_requests]
+    sample = generate(workload, cfg.spec, rate=1.0, seed=cfg.seed)[:probe_n]
     words = sum(len(r.prompt_text().split()) for r in sample) / len(sample)
     rate = 0.25 * cfg.engines / (words * profile.c_prefill_s)
     steps: list[dict[str, Any]] = []
@@ -191,9 +195,7 @@ def probe_saturation(workload: str, cfg: BenchConfig) -> tuple[float, dict[str, 
     sustained: float | None = None
     retried = False
     for _ in range(cfg.probe_steps + 2):
-        requests = _truncate(
-            generate(workload, cfg.spec, rate=rate, seed=cfg.seed), cfg.probe_requests
-        )
+        requests = _truncate(generate(workload, cfg.spec, rate=rate, seed=cfg.seed), probe_n)
         results, _, _, _ = run_contender(
             "inproc:least-request", requests, cfg, f"{workload}-probe-{rate:.2f}"
         )
