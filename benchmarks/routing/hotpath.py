@@ -87,7 +87,14 @@ def run_case(mode: str, prompt_tokens: int, n_endpoints: int, *, reps: int, fill
         index.insert(f"e{i}", half if i else hashes)
     policy = builtin_policies()["prefix-cache"]()
     endpoints = [
-        EndpointSnapshot(id=f"e{i}", url=f"http://e{i}", in_flight=i % 3, prefill_tokens=i * 100)
+        EndpointSnapshot(
+            id=f"e{i}",
+            url=f"http://e{i}",
+            in_flight=i % 3 + 1,
+            prefill_tokens=i * 100,
+            recent_routed=10.0 + i,  # recent traffic: the balance term is computed too
+            last_routed_seq=0,
+        )
         for i in range(n_endpoints)
     ]
     matched = index.match(hashes)
