@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from routing.metrics_parser import EngineMetrics
-from routing.types import RECENT_WINDOW, EndpointSnapshot
+from routing.types import EndpointSnapshot, decayed_recent
 
 __all__ = ["EngineState", "Ticket"]
 
@@ -116,9 +116,7 @@ class EngineState:
         self._in_flight_tokens += prompt_tokens + expected
         self._prefill_tokens += uncached
         if seq is not None and seq >= self._last_seq:
-            if self._last_seq >= 0:
-                self._recent *= (1.0 - 1.0 / RECENT_WINDOW) ** (seq - self._last_seq)
-            self._recent += 1.0
+            self._recent = decayed_recent(self._recent, last_seq=self._last_seq, seq=seq) + 1.0
             self._last_seq = seq
         self.prompt_tokens_total += prompt_tokens
         self._cached = None

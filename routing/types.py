@@ -72,7 +72,8 @@ class EndpointSnapshot:
     last_routed_seq: int = -1
     """``RouteRequest.seq`` of the last request routed here (-1: none yet). Pickers break
     ties least-recently-routed first, so tied (cold, idle) traffic rotates over endpoints
-    even one request at a time, and a newly added endpoint gets one turn, not a burst."""
+    even one request at a time; on ties alone a newly added endpoint gets one turn, not a
+    burst (the prefix-cache balance term then lets it catch up to its share)."""
 
     @property
     def load(self) -> int:
@@ -84,11 +85,18 @@ RECENT_WINDOW = 256
 """Decay horizon of ``EndpointSnapshot.recent_routed``, in requests routed gateway-wide."""
 
 
+def decayed_recent(value: float, *, last_seq: int, seq: int) -> float:
+    """A recent-routing count ``value`` as of request ``last_seq``, decayed to request ``seq``
+    (0 when ``last_seq`` < 0: nothing routed yet). The one definition of the decay, used by
+    :class:`routing.state.EngineState` when it counts and by scorers when they read."""
+    if last_seq < 0:
+        return 0.0
+    return value * (1.0 - 1.0 / RECENT_WINDOW) ** max(0, seq - last_seq)
+
+
 def recent_routed_at(ep: EndpointSnapshot, seq: int) -> float:
     """``ep.recent_routed`` decayed to request ``seq`` (0 for an endpoint never routed to)."""
-    if ep.last_routed_seq < 0:
-        return 0.0
-    return ep.recent_routed * (1.0 - 1.0 / RECENT_WINDOW) ** max(0, seq - ep.last_routed_seq)
+    return decayed_recent(ep.recent_routed, last_seq=ep.last_routed_seq, seq=seq)
 
 
 @dataclass(frozen=True, slots=True)
