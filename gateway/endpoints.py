@@ -231,6 +231,7 @@ class EndpointRegistry:
         max_tokens: int | None = None,
         cached_tokens: int = 0,
         seq: int | None = None,
+        placed: bool = False,
     ) -> Iterator[Ticket]:
         """Count one request in flight on ``state`` until the block exits, however it exits
         (success, error, stream end, cancellation by a client disconnect); ``cached_tokens``
@@ -240,6 +241,7 @@ class EndpointRegistry:
             max_tokens=max_tokens,
             cached_tokens=cached_tokens,
             seq=seq,
+            placed=placed,
         )
         try:
             yield ticket

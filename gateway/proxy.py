@@ -54,6 +54,7 @@ from gateway.shutdown import InFlight
 from gateway.usage import BODY_BYTES, TAIL_BYTES, extract_usage, stream_completed
 from routing import Decision, RouteRequest
 from routing.state import Ticket
+from routing.types import is_placement
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ class Proxy:
                         cached_tokens=plan.route.prefix_blocks.get(state.id, 0)
                         * plan.route.block_tokens,
                         seq=plan.route.seq,
+                        placed=is_placement(plan.route, (s.id for s in plan.decision.ranked)),
                     )
                 )
                 try:

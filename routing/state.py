@@ -62,6 +62,7 @@ class EngineState:
         "_last_seq",
         "_metrics",
         "_models",
+        "_placed",
         "_prefill_tokens",
         "_recent",
         "_scraped_at",
@@ -84,6 +85,7 @@ class EngineState:
         self._prefill_tokens = 0
         self._last_seq = -1
         self._recent = 0.0
+        self._placed = 0.0
         self._ttft: float | None = None
         self._itl: float | None = None
         self._metrics = EngineMetrics()
@@ -103,10 +105,12 @@ class EngineState:
         max_tokens: int | None = None,
         cached_tokens: int = 0,
         seq: int | None = None,
+        placed: bool = False,
     ) -> Ticket:
         """Count a request routed here; ``cached_tokens`` is the expected prefix-cache hit,
         ``seq`` its ``RouteRequest.seq`` (least-recently-routed tie-breaks and the decayed
-        recent-traffic count; an older ``seq``, a late failover attempt, changes neither)."""
+        recent-traffic counts; an older ``seq``, a late failover attempt, changes neither),
+        ``placed`` whether it was a placement (:func:`routing.types.is_placement`)."""
         expected = max_tokens if max_tokens is not None else DEFAULT_OUTPUT_TOKENS
         uncached = max(0, prompt_tokens - max(0, cached_tokens))
         ticket = Ticket(
@@ -117,6 +121,9 @@ class EngineState:
         self._prefill_tokens += uncached
         if seq is not None and seq >= self._last_seq:
             self._recent = decayed_recent(self._recent, last_seq=self._last_seq, seq=seq) + 1.0
+            self._placed = decayed_recent(self._placed, last_seq=self._last_seq, seq=seq) + float(
+                placed
+            )
             self._last_seq = seq
         self.prompt_tokens_total += prompt_tokens
         self._cached = None
@@ -195,6 +202,7 @@ class EngineState:
                 block_size=m.block_size,
                 running_adapters=m.running_adapters | m.waiting_adapters,
                 recent_routed=self._recent,
+                recent_placed=self._placed,
                 last_routed_seq=self._last_seq,
             )
         return self._cached

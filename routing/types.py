@@ -7,7 +7,7 @@ KV events, prefix-index lookups) happens before the call and lands in these valu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -69,6 +69,10 @@ class EndpointSnapshot:
     :data:`RECENT_WINDOW`), as of ``last_routed_seq``; see :func:`recent_routed_at`. It is
     this endpoint's recent traffic share: unlike in-flight counts it remembers sticky work
     between turns (a session thinking, a prefix group between arrivals)."""
+    recent_placed: float = 0.0
+    """Of ``recent_routed``, the placements (:func:`is_placement`): requests that started a
+    new sticky prefix here -- a new prefix group, a new session -- rather than following one.
+    Decayed like ``recent_routed`` (same ``last_routed_seq``); see :func:`recent_placed_at`."""
     last_routed_seq: int = -1
     """``RouteRequest.seq`` of the last request routed here (-1: none yet). Pickers break
     ties least-recently-routed first, so tied (cold, idle) traffic rotates over endpoints
@@ -97,6 +101,20 @@ def decayed_recent(value: float, *, last_seq: int, seq: int) -> float:
 def recent_routed_at(ep: EndpointSnapshot, seq: int) -> float:
     """``ep.recent_routed`` decayed to request ``seq`` (0 for an endpoint never routed to)."""
     return decayed_recent(ep.recent_routed, last_seq=ep.last_routed_seq, seq=seq)
+
+
+def recent_placed_at(ep: EndpointSnapshot, seq: int) -> float:
+    """``ep.recent_placed`` decayed to request ``seq`` (0 for an endpoint never routed to)."""
+    return decayed_recent(ep.recent_placed, last_seq=ep.last_routed_seq, seq=seq)
+
+
+def is_placement(req: RouteRequest, endpoint_ids: Iterable[str]) -> bool:
+    """Whether routing ``req`` places a new sticky prefix: no candidate holds more of its
+    prompt than another (cold everywhere, or only a prefix every candidate holds, such as a
+    system prompt shared by all sessions). Wherever it lands, its followers (the group's
+    next prompts, the session's next turns) will follow it there."""
+    held = [req.prefix_blocks.get(eid, 0) for eid in endpoint_ids]
+    return not held or max(held) == min(held)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from routing.fairness import VirtualTokenCounters
 from routing.metrics_parser import MetricsParseError, parse_vllm_metrics
 from routing.policy import Policy
 from routing.state import EngineState, Ticket
-from routing.types import RouteRequest
+from routing.types import RouteRequest, is_placement
 
 BLOCK_BYTES = 64
 BYTES_PER_TOKEN = 4
@@ -137,6 +137,7 @@ class InProcRouter:
             max_tokens=req.max_tokens,
             cached_tokens=matched.get(chosen.endpoint_id, 0) * rreq.block_tokens,
             seq=rreq.seq,
+            placed=is_placement(rreq, (ep.id for ep in decision.ranked)),
         )
         self.index.insert(chosen.endpoint_id, hashes)
         self.route_s.append(time.perf_counter() - t0)

@@ -5,9 +5,12 @@ from typing import Any
 
 import pytest
 
+from routing.pickers.basic import MaxScorePicker
+from routing.policy import Policy
 from routing.registry import builtin_policies
 from routing.scorers.prefix_cache import PrefixCacheCost
-from routing.types import RouteRequest
+from routing.state import EngineState
+from routing.types import RouteRequest, is_placement
 from tests.routing.helpers import ep, eps
 
 COST = PrefixCacheCost(prefill_s_per_token=1e-4, decode_s_per_request=1e-3, recompute_weight=0)
@@ -146,7 +149,83 @@ def test_balance_term_steers_only_near_ties(
     assert endpoints[scores.index(max(scores))].id == expected_first
 
 
-def test_balance_term_is_off_when_zero() -> None:
-    endpoints = [ep("e0", in_flight=5, **_recent(0.4)), ep("e1", in_flight=5, **_recent(0.1))]
-    costs = PrefixCacheCost(balance_s=0).score(req(2000, {"e0": 30, "e1": 30}, seq=50), endpoints)
+def test_balance_terms_are_off_when_zero() -> None:
+    endpoints = [
+        ep("e0", in_flight=5, **_recent(0.4), recent_placed=30),
+        ep("e1", in_flight=5, **_recent(0.1), recent_placed=5),
+    ]
+    off = PrefixCacheCost(balance_s=0, placement_s=0)
+    costs = off.score(req(2000, {"e0": 30, "e1": 30}, seq=50), endpoints)
     assert costs[0] == costs[1]
+
+
+def _placed(share: float, **kw: Any) -> dict[str, Any]:
+    """An endpoint that started ``share`` of the recent placements (no traffic imbalance)."""
+    return {"recent_routed": 50, "recent_placed": share * 20, "last_routed_seq": 50, **kw}
+
+
+@pytest.mark.parametrize(
+    ("endpoint_kw", "blocks", "expected_first"),
+    [
+        # a new prefix (cold everywhere) goes where fewer sticky prefixes were started,
+        # even with one small prefill queued there (placement 1.0 x 2 x 0.1 = 0.2 s > 0.09 s)
+        ([_placed(0.4, prefill_tokens=1000), _placed(0.6)], {}, "e0"),
+        # ... not behind a long queue (0.36 s of prefill)
+        ([_placed(0.4, prefill_tokens=4000), _placed(0.6)], {}, "e1"),
+        # warm everywhere on a shared prefix is still a placement (a new session)
+        ([_placed(0.4, prefill_tokens=1000), _placed(0.6)], {"e0": 25, "e1": 25}, "e0"),
+        # a follower (e1 holds more of the prompt) is not a placement: it keeps its engine
+        ([_placed(0.1), _placed(0.9)], {"e1": 20}, "e1"),
+        # nothing placed yet: least queued work, as for any cold request
+        ([_placed(0.0, prefill_tokens=100), _placed(0.0)], {}, "e1"),
+    ],
+)
+def test_placement_term_spreads_new_sticky_prefixes(
+    endpoint_kw: list[dict[str, Any]], blocks: dict[str, int], expected_first: str
+) -> None:
+    endpoints = [ep(f"e{i}", **kw) for i, kw in enumerate(endpoint_kw)]
+    scores = PrefixCacheCost(balance_s=0).score(req(2000, blocks, seq=50), endpoints)
+    assert endpoints[scores.index(max(scores))].id == expected_first
+
+
+def _place_groups(cost: PrefixCacheCost) -> list[int]:
+    """16 prefix groups placed one by one while followers of earlier groups keep arriving
+    unevenly (each request finishes before the next arrives); groups per endpoint."""
+    states = {f"e{i}": EngineState(f"e{i}", f"http://e{i}") for i in range(4)}
+    policy = Policy("p", filters=(), scorers=((cost, 1.0),), picker=MaxScorePicker())
+    owner: dict[int, str] = {}
+    seq = 0
+    for group in range(16):
+        for g in range(group):
+            if g % 4 == 0:  # every fourth group is popular: its engine gets extra requests
+                state = states[owner[g]]
+                state.finish(state.begin(prompt_tokens=100, seq=seq))
+                seq += 1
+        rreq = req(2000, {}, seq=seq)
+        chosen = policy.choose(rreq, [s.snapshot() for s in states.values()]).ranked[0].id
+        placed = is_placement(rreq, states)
+        states[chosen].finish(states[chosen].begin(prompt_tokens=2000, seq=seq, placed=placed))
+        owner[group] = chosen
+        seq += 1
+    return sorted(Counter(owner.values()).values())
+
+
+def test_placements_spread_groups_evenly_despite_uneven_followers() -> None:
+    assert _place_groups(PrefixCacheCost()) == [4, 4, 4, 4]
+    # without the placement term the least-recently-routed tie-break follows the followers
+    assert _place_groups(PrefixCacheCost(placement_s=0)) != [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "ids", "expected"),
+    [
+        ({}, ["e0", "e1"], True),
+        ({"e0": 3, "e1": 3}, ["e0", "e1"], True),
+        ({"e0": 3}, ["e0", "e1"], False),
+        ({"e0": 3, "e1": 1}, ["e0", "e1"], False),
+        ({"e0": 3}, ["e0"], True),
+        ({"e0": 3}, [], True),
+    ],
+)
+def test_is_placement(blocks: dict[str, int], ids: list[str], expected: bool) -> None:
+    assert is_placement(req(100, blocks), ids) is expected

@@ -4,6 +4,7 @@ import pytest
 
 from routing.metrics_parser import EngineMetrics
 from routing.state import DEFAULT_OUTPUT_TOKENS, EngineState
+from routing.types import RECENT_WINDOW, recent_placed_at
 
 
 def test_begin_counts_immediately() -> None:
@@ -108,3 +109,18 @@ def test_begin_records_the_latest_routed_seq() -> None:
     assert st.snapshot().last_routed_seq == 7
     st.begin(prompt_tokens=10, seq=3)  # a late failover attempt never moves it back
     assert st.snapshot().last_routed_seq == 7
+
+
+def test_begin_counts_placements_beside_routed_requests() -> None:
+    st = EngineState("e", "http://e")
+    st.begin(prompt_tokens=10, seq=0, placed=True)
+    st.begin(prompt_tokens=10, seq=1)
+    st.begin(prompt_tokens=10, seq=2, placed=True)
+    snap = st.snapshot()
+    decay = 1.0 - 1.0 / RECENT_WINDOW
+    assert snap.recent_routed == pytest.approx(decay**2 + decay + 1)
+    assert snap.recent_placed == pytest.approx(decay**2 + 1)
+    # both read decayed to a later request, from the same last_routed_seq
+    assert recent_placed_at(snap, 12) == pytest.approx(snap.recent_placed * decay**10)
+    st.begin(prompt_tokens=10, seq=1, placed=True)  # stale seq: neither counter moves
+    assert st.snapshot().recent_placed == snap.recent_placed
