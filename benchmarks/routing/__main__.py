@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="short runs (default)")
     mode.add_argument("--full", action="store_true", help="llm-d-sized workloads, long ladder")
     p.add_argument("--workloads", type=_csv, default=None,
-                   help="shared-prefix,multi-turn,unique,mix")  # fmt: skip
+                   help="shared-prefix,multi-turn,unique,mix; also shared-prefix-zipf")  # fmt: skip
     p.add_argument("--contenders", type=_csv, default=None)
     p.add_argument("--fractions", type=_csv, default=None, help="load ladder, x saturation")
     p.add_argument("--speed", type=float, default=None, help="simulated s per wall s")

@@ -7,6 +7,11 @@ every contender replays exactly the same prompts at the same times.
 * ``shared-prefix`` -- ``groups`` x ``per_group`` requests; each group shares a long system
   prompt, each request adds its own question (after the llm-d shared-prefix benchmark:
   150 groups x 5, 6,000-token system prompts). Requests of all groups are shuffled together.
+* ``shared-prefix-zipf`` -- the same requests in total, but group popularity follows Zipf's
+  law (group k gets a share ~ 1/(k+1)^``zipf_s``; at 1.0 the hottest of 16 groups sends 30 %
+  of the traffic, more than one of four engines can serve): real system prompts are not
+  equally popular, and a router must replicate a hot prefix instead of piling onto its
+  first engine.
 * ``multi-turn`` -- chat sessions in the production-stack multi-round QA shape: the system
   message is a system prompt shared by every session (``shared_system_words``) followed by
   the session's own history (``session_system_words``); turn k repeats the whole
@@ -65,6 +70,8 @@ class WorkloadSpec:
 
     groups: int = 150
     per_group: int = 5
+    zipf_s: float = 1.0
+    """Group popularity exponent of ``shared-prefix-zipf``."""
     system_words: int = 5800
     question_words: int = 1000
     shared_output: int = 1000
@@ -122,11 +129,28 @@ class _Text:
         return " ".join(self.rng.choices(self.vocab, k=n))
 
 
-def _shared_prefix(spec: WorkloadSpec, text: _Text) -> list[BenchRequest]:
+def group_sizes(groups: int, total: int, zipf_s: float) -> list[int]:
+    """``total`` requests over ``groups`` with shares ~ 1/(k+1)^zipf_s, at least one each
+    (largest remainders; 0.0 gives equal sizes)."""
+    if groups <= 0 or total < groups:
+        raise ValueError("need at least one request per group")
+    weights = [1.0 / (k + 1) ** zipf_s for k in range(groups)]
+    spare = total - groups
+    exact = [spare * w / sum(weights) for w in weights]
+    sizes = [1 + int(x) for x in exact]
+    by_remainder = sorted(range(groups), key=lambda k: (int(exact[k]) - exact[k], k))
+    for k in by_remainder[: total - sum(sizes)]:
+        sizes[k] += 1
+    return sizes
+
+
+def _shared_prefix(
+    spec: WorkloadSpec, text: _Text, sizes: list[int] | None = None
+) -> list[BenchRequest]:
     out: list[BenchRequest] = []
     for g in range(spec.groups):
         system = f"[group {g}] " + text.words(spec.system_words)
-        for q in range(spec.per_group):
+        for q in range(spec.per_group if sizes is None else sizes[g]):
             question = text.words(spec.question_words)
             out.append(
                 BenchRequest(
@@ -221,6 +245,9 @@ def generate(kind: str, spec: WorkloadSpec, *, rate: float, seed: int = 0) -> li
     arrivals = random.Random(f"{seed}:{kind}:{rate}:arrivals")
     if kind == "shared-prefix":
         streams = [[r] for r in _shared_prefix(spec, text)]
+    elif kind == "shared-prefix-zipf":
+        sizes = group_sizes(spec.groups, spec.groups * spec.per_group, spec.zipf_s)
+        streams = [[r] for r in _shared_prefix(spec, text, sizes)]
     elif kind == "multi-turn":
         streams = _multi_turn(spec, text)
     elif kind == "unique":

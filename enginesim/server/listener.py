@@ -51,9 +51,23 @@ class RefusableListener:
         self._family = socket.AddressFamily(sock.family)
         host, port = sock.getsockname()[:2]
         self._addr = (str(host), int(port))
-        # uvicorn builds its protocol factory inside startup(); reuse it to listen again.
-        self._factory = srv._protocol_factory  # type: ignore[attr-defined]
+        self._factory = self._protocol_factory()
         return self._addr[1]
+
+    def _protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        """The factory uvicorn's ``startup()`` builds (a closure there, so rebuilt from the
+        same public pieces; the listening server's own attribute exists only on asyncio's
+        loop, not uvloop's)."""
+        server = self._server
+        config = server.config
+
+        def create_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=server.server_state, app_state=server.lifespan.state
+            )
+            return protocol
+
+        return create_protocol
 
     def refuse(self, for_s: float | None) -> None:
         self._tg.start_soon(self._refuse, for_s)

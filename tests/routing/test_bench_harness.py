@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ from benchmarks.routing.inproc import InProcRouter
 from benchmarks.routing.loadgen import FixedTarget, Result, run_load
 from benchmarks.routing.oracle import cached_fractions, idle_ttft_s, oracle
 from benchmarks.routing.report import check_targets, pct, summarize
-from benchmarks.routing.workloads import WORKLOADS, WorkloadSpec, generate
+from benchmarks.routing.workloads import WORKLOADS, WorkloadSpec, generate, group_sizes
 from enginesim.core.profile import load_profile
 from routing.metrics_parser import EngineMetrics
 from routing.registry import builtin_policies
@@ -31,7 +32,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.mark.parametrize("kind", ["shared-prefix", "multi-turn", "unique", "mix"])
+@pytest.mark.parametrize(
+    "kind", ["shared-prefix", "shared-prefix-zipf", "multi-turn", "unique", "mix"]
+)
 def test_workloads_are_seeded_ordered_and_consistent(kind: str) -> None:
     a = generate(kind, SMALL, rate=5.0, seed=1)
     assert a == generate(kind, SMALL, rate=5.0, seed=1)
@@ -55,10 +58,27 @@ def test_workload_shapes() -> None:
     assert {r.kind for r in generate("mix", WORKLOADS["quick"], rate=1.0)} == {
         "shared-prefix", "multi-turn", "unique",
     }  # fmt: skip
+    zipf = Counter(r.messages[0] for r in generate("shared-prefix-zipf", SMALL, rate=1.0))
+    assert sorted(zipf.values()) == sorted(group_sizes(4, 12, SMALL.zipf_s))
     with pytest.raises(ValueError):
         generate("nope", SMALL, rate=1.0)
     with pytest.raises(ValueError):
         generate("unique", SMALL, rate=0.0)
+
+
+@pytest.mark.parametrize(
+    ("groups", "total", "s", "expected"),
+    [
+        (4, 8, 0.0, [2, 2, 2, 2]),  # uniform
+        (4, 12, 1.0, [5, 3, 2, 2]),  # 1 + 8 x (0.48, 0.24, 0.16, 0.12), largest remainders
+        (3, 3, 2.0, [1, 1, 1]),  # every group keeps one request
+        (16, 256, 1.0, [72, 37, 25, 19, 15, 13, 11, 10, 9, 8, 7, 7, 6, 6, 6, 5]),
+    ],
+)
+def test_group_sizes(groups: int, total: int, s: float, expected: list[int]) -> None:
+    assert group_sizes(groups, total, s) == expected
+    with pytest.raises(ValueError):
+        group_sizes(groups, groups - 1, s)
 
 
 def _sse(tokens: int, prompt_tokens: int) -> list[bytes]:
