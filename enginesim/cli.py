@@ -45,11 +45,7 @@ def run_cluster(cfg: ClusterConfig) -> int:
     """Blocking: serve until Ctrl-C/SIGTERM; 0 on a clean stop, 1 if the engines failed."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        anyio.run(
-            partial(_run_until_signalled, cfg),
-            backend="asyncio",
-            backend_options={"use_uvloop": sys.platform != "win32"},
-        )
+        anyio.run(partial(_run_until_signalled, cfg), backend="asyncio")
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         pass
     except (OSError, RuntimeError, ValueError, ExceptionGroup) as exc:

@@ -5,7 +5,6 @@ Settings are loaded here, once, and passed down; nothing else reads the environm
 
 from __future__ import annotations
 
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Switchyard L
 def _run(func: Any) -> None:
     """Run an async entry point; a startup failure becomes one clear line and exit code 1."""
     try:
-        anyio.run(func, backend="asyncio", backend_options={"use_uvloop": sys.platform != "win32"})
+        anyio.run(func, backend="asyncio")
     except KeyboardInterrupt:
         pass
     except (OSError, RuntimeError, ExceptionGroup) as exc:

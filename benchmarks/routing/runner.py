@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -151,10 +150,7 @@ def run_contender(
         else:
             raise launch.LaunchError(f"unknown contender kind {kind!r}")
         before = scrape_all(cluster.urls)
-        results, info = anyio.run(
-            _drive, requests, dispatcher, cfg, cluster.kv_event_urls,
-            backend_options={"use_uvloop": sys.platform != "win32"},
-        )  # fmt: skip
+        results, info = anyio.run(_drive, requests, dispatcher, cfg, cluster.kv_event_urls)
         after = scrape_all(cluster.urls)
         return results, info, before, after
     finally:
