@@ -8,8 +8,8 @@ every contender replays exactly the same prompts at the same times.
   prompt, each request adds its own question (after the llm-d shared-prefix benchmark:
   150 groups x 5, 6,000-token system prompts). Requests of all groups are shuffled together.
 * ``shared-prefix-zipf`` -- the same requests in total, but group popularity follows Zipf's
-  law (group k gets a share ~ 1/(k+1)^``zipf_s``; at 1.0 the hottest of 16 groups sends 30 %
-  of the traffic, more than one of four engines can serve): real system prompts are not
+  law (group k gets a share ~ 1/(k+1)^``zipf_s``; at 1.0 the hottest of 16 groups sends 28 %
+  of the traffic, more than a fair quarter of four engines): real system prompts are not
   equally popular, and a router must replicate a hot prefix instead of piling onto its
   first engine.
 * ``multi-turn`` -- chat sessions in the production-stack multi-round QA shape: the system
