@@ -208,6 +208,7 @@ class Proxy:
     async def _attempts(self, plan: ProxyPlan, send: Send, out: _Outcome) -> None:
         ranked = plan.decision.ranked[: self._settings.max_attempts]
         last_exc: GatewayError = NoHealthyEndpoint("no engine could take the request")
+        placed = is_placement(plan.route, (s.id for s in plan.decision.ranked))
         for index, snap in enumerate(ranked):
             state = self._endpoints.get(snap.id)
             if state is None:  # removed since the decision
@@ -224,7 +225,7 @@ class Proxy:
                         cached_tokens=plan.route.prefix_blocks.get(state.id, 0)
                         * plan.route.block_tokens,
                         seq=plan.route.seq,
-                        placed=is_placement(plan.route, (s.id for s in plan.decision.ranked)),
+                        placed=placed,
                     )
                 )
                 try:

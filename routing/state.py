@@ -120,10 +120,9 @@ class EngineState:
         self._in_flight_tokens += prompt_tokens + expected
         self._prefill_tokens += uncached
         if seq is not None and seq >= self._last_seq:
-            self._recent = decayed_recent(self._recent, last_seq=self._last_seq, seq=seq) + 1.0
-            self._placed = decayed_recent(self._placed, last_seq=self._last_seq, seq=seq) + float(
-                placed
-            )
+            keep = decayed_recent(1.0, last_seq=self._last_seq, seq=seq)
+            self._recent = self._recent * keep + 1.0
+            self._placed = self._placed * keep + float(placed)
             self._last_seq = seq
         self.prompt_tokens_total += prompt_tokens
         self._cached = None

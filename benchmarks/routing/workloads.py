@@ -135,8 +135,8 @@ def group_sizes(groups: int, total: int, zipf_s: float) -> list[int]:
     if groups <= 0 or total < groups:
         raise ValueError("need at least one request per group")
     weights = [1.0 / (k + 1) ** zipf_s for k in range(groups)]
-    spare = total - groups
-    exact = [spare * w / sum(weights) for w in weights]
+    spare, total_weight = total - groups, sum(weights)
+    exact = [spare * w / total_weight for w in weights]
     sizes = [1 + int(x) for x in exact]
     by_remainder = sorted(range(groups), key=lambda k: (int(exact[k]) - exact[k], k))
     for k in by_remainder[: total - sum(sizes)]:
@@ -144,13 +144,12 @@ def group_sizes(groups: int, total: int, zipf_s: float) -> list[int]:
     return sizes
 
 
-def _shared_prefix(
-    spec: WorkloadSpec, text: _Text, sizes: list[int] | None = None
-) -> list[BenchRequest]:
+def _shared_prefix(spec: WorkloadSpec, text: _Text, zipf_s: float = 0.0) -> list[BenchRequest]:
     out: list[BenchRequest] = []
+    sizes = group_sizes(spec.groups, spec.groups * spec.per_group, zipf_s)
     for g in range(spec.groups):
         system = f"[group {g}] " + text.words(spec.system_words)
-        for q in range(spec.per_group if sizes is None else sizes[g]):
+        for q in range(sizes[g]):
             question = text.words(spec.question_words)
             out.append(
                 BenchRequest(
@@ -246,8 +245,7 @@ def generate(kind: str, spec: WorkloadSpec, *, rate: float, seed: int = 0) -> li
     if kind == "shared-prefix":
         streams = [[r] for r in _shared_prefix(spec, text)]
     elif kind == "shared-prefix-zipf":
-        sizes = group_sizes(spec.groups, spec.groups * spec.per_group, spec.zipf_s)
-        streams = [[r] for r in _shared_prefix(spec, text, sizes)]
+        streams = [[r] for r in _shared_prefix(spec, text, spec.zipf_s)]
     elif kind == "multi-turn":
         streams = _multi_turn(spec, text)
     elif kind == "unique":

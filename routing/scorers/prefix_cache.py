@@ -139,20 +139,14 @@ class PrefixCacheCost:
     ) -> list[CostEstimate]:
         if not endpoints:
             return []
-        n = len(endpoints)
-        imbalance = [0.0] * n
-        routed = [recent_routed_at(ep, req.seq) for ep in endpoints]
+        imbalance = [0.0] * len(endpoints)
         total_load = sum(ep.load for ep in endpoints)
-        if sum(routed) > 0 and total_load > 0 and self.balance_s > 0:
-            scale = self.balance_s * total_load
-            for i, r in enumerate(routed):
-                imbalance[i] += scale * max(0.0, r / sum(routed) - 1.0 / n)
+        if total_load > 0 and self.balance_s > 0:
+            routed = [recent_routed_at(ep, req.seq) for ep in endpoints]
+            _add_excess(imbalance, routed, self.balance_s * total_load)
         if self.placement_s > 0 and is_placement(req, (ep.id for ep in endpoints)):
             placed = [recent_placed_at(ep, req.seq) for ep in endpoints]
-            if sum(placed) > 0:
-                scale = self.placement_s * n
-                for i, p in enumerate(placed):
-                    imbalance[i] += scale * max(0.0, p / sum(placed) - 1.0 / n)
+            _add_excess(imbalance, placed, self.placement_s * len(endpoints))
         return [self.estimate(req, ep, imb) for ep, imb in zip(endpoints, imbalance, strict=True)]
 
     def score(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> list[float]:
@@ -162,3 +156,14 @@ class PrefixCacheCost:
 
     def explain(self, req: RouteRequest, endpoints: Sequence[EndpointSnapshot]) -> list[str]:
         return [e.describe() for e in self._estimates(req, endpoints)]
+
+
+def _add_excess(out: list[float], counts: Sequence[float], scale: float) -> None:
+    """Add ``scale`` x each share of ``counts`` beyond the fair ``1 / n`` to ``out`` (nothing
+    while every count is 0)."""
+    total = sum(counts)
+    if total <= 0:
+        return
+    fair = 1.0 / len(counts)
+    for i, count in enumerate(counts):
+        out[i] += scale * max(0.0, count / total - fair)
