@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from routing.fairness import VirtualTokenCounters
-from routing.metrics_parser import EngineMetrics, MetricsParseError, parse_vllm_metrics
+from routing.metrics_parser import (
+    WANTED_SERIES,
+    EngineMetrics,
+    MetricsParseError,
+    parse_vllm_metrics,
+)
 from routing.policy import Decision, NoEndpointError, Policy
 from routing.registry import (
     ProfileError,
@@ -23,6 +28,7 @@ from routing.types import (
 )
 
 __all__ = [
+    "WANTED_SERIES",
     "Decision",
     "EndpointSnapshot",
     "EngineMetrics",

@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from enginesim.server.errors import EngineHTTPError, bad_request
@@ -111,8 +111,11 @@ def build_admin_router(rt: EngineRuntime) -> APIRouter:  # noqa: C901 - a flat l
         return {"object": "list", "data": data}
 
     @router.get("/metrics")
-    async def metrics() -> Response:
-        return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(names: Annotated[list[str] | None, Query(alias="name[]")] = None) -> Response:
+        # ?name[]=a&name[]=b restricts the page to those samples (prometheus_client's filter).
+        return Response(
+            rt.metrics.render(names or ()), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

@@ -11,7 +11,7 @@ seconds.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -140,7 +140,11 @@ class EngineMetrics:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.wall_clock = wall_clock
         self.adapter_ever_loaded = False
-        self.registry = CollectorRegistry(auto_describe=False)
+        # The scrape-time collector names no series up front; this keeps it in a restricted
+        # (``name[]``) page, filtered by sample name like every other collector.
+        self.registry = CollectorRegistry(
+            auto_describe=False, support_collectors_without_names=True
+        )
         reg = self.registry
         ln = ["model_name", "engine"]
 
@@ -264,5 +268,9 @@ class EngineMetrics:
         """One engine step's prompt tokens (first-token requests) plus generated tokens."""
         self.iteration_tokens.labels(self.model_name, "0").observe(num_tokens)
 
-    def render(self) -> bytes:
+    def render(self, names: Sequence[str] = ()) -> bytes:
+        """The exposition page; with ``names``, only those samples (Prometheus' ``name[]``
+        filter, as vLLM's prometheus_client app serves it)."""
+        if names:
+            return generate_latest(self.registry.restricted_registry(names))
         return generate_latest(self.registry)

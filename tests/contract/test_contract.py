@@ -18,7 +18,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from routing import WANTED_SERIES, parse_vllm_metrics
 from tests.contract import recorded as rec
 from tests.contract.conftest import ContractEngine
 from tests.contract.helpers import (
@@ -554,6 +556,23 @@ def test_metrics_cache_config_info(http: httpx.Client) -> None:
         assert info.labels.get(key) == value, key
     assert rec.CACHE_CONFIG_LABELS_PRESENT <= set(info.labels)
     assert int(info.labels["num_gpu_blocks"]) > 0
+
+
+def test_metrics_name_filter_restricts_the_page(http: httpx.Client) -> None:
+    # The gateway's scraper asks for routing.WANTED_SERIES only (prometheus_client's name[]
+    # filter) and for no gzip; the page must hold exactly those samples and parse the same.
+    http.post("/v1/completions", json={"model": rec.MODEL, "prompt": "Hi", "max_tokens": 2})
+    full = scrape(http)
+    resp = http.get(
+        "/metrics",
+        params=[("name[]", n) for n in WANTED_SERIES],
+        headers={"accept-encoding": "identity"},
+    )
+    assert resp.status_code == 200 and "content-encoding" not in resp.headers
+    part = {s.name for f in text_string_to_metric_families(resp.text) for s in f.samples}
+    whole = {s.name for _type, samples in full.families.values() for s in samples}
+    assert part == whole & set(WANTED_SERIES)
+    assert parse_vllm_metrics(resp.text) == parse_vllm_metrics(http.get("/metrics").text)
 
 
 def _counter(snap: MetricsSnapshot, name: str) -> float:

@@ -10,11 +10,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from enginesim.cluster import ClusterConfig, RunningEngine
 from enginesim.core.api import SimRequest
 from enginesim.core.engine import EngineCore
 from enginesim.core.profile import load_profile
+from routing import WANTED_SERIES, parse_vllm_metrics
 from tests.enginesim.server_harness import (
     metric_families,
     running_cluster,
@@ -117,6 +119,24 @@ def test_request_counters_and_histograms_move(http: httpx.Client) -> None:
     assert delta("vllm:e2e_request_latency_seconds_sum") >= delta(
         "vllm:time_to_first_token_seconds_sum"
     )
+
+
+def test_name_filter_serves_only_the_asked_samples(http: httpx.Client) -> None:
+    # prometheus_client's ``name[]`` filter, as vLLM's /metrics app serves it: the gateway's
+    # scraper asks for routing.WANTED_SERIES only.
+    _complete(http, prompt=list(range(100, 150)), max_tokens=3, ignore_eos=True)
+    full = http.get("/metrics")
+    part = http.get("/metrics", params=[("name[]", n) for n in WANTED_SERIES])
+    assert part.status_code == 200 and part.headers["content-type"].startswith("text/plain")
+    full_names = {s.name for f in text_string_to_metric_families(full.text) for s in f.samples}
+    part_names = {s.name for f in text_string_to_metric_families(part.text) for s in f.samples}
+    assert part_names == full_names & set(WANTED_SERIES)
+    assert {"vllm:num_requests_running", "vllm:cache_config_info"} <= part_names
+    assert parse_vllm_metrics(part.text) == parse_vllm_metrics(full.text)
+    assert len(part.content) * 5 < len(full.content)
+    one = http.get("/metrics", params={"name[]": "vllm:num_requests_waiting"})
+    [fam] = text_string_to_metric_families(one.text)
+    assert [s.name for s in fam.samples] == ["vllm:num_requests_waiting"]
 
 
 def _les(fams: dict[str, Any], name: str) -> tuple[float, ...]:

@@ -40,6 +40,8 @@ class FakeEngine:
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     metrics_text: str | None = None  # GET /metrics answers this (Prometheus text), else 404
+    metrics_asks: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
+    """Query string and headers of every GET /metrics (newest last)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -51,6 +53,9 @@ class FakeEngine:
         elif path == "/v1/models" and method == "GET":
             await _send_json(send, 200, self._models())
         elif path == "/metrics" and method == "GET" and self.metrics_text is not None:
+            asked = {k.decode(): v.decode() for k, v in scope["headers"]}
+            self.metrics_asks.append((scope["query_string"], asked))
+            del self.metrics_asks[:-8]
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/plain; version=0.0.4")]})  # fmt: skip
             await send({"type": "http.response.body", "body": self.metrics_text.encode()})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections import Counter
 
 import httpx
 
+from routing import WANTED_SERIES
 from tests.gateway.conftest import StartEngines, StartGateway
 from tests.gateway.servers import wait_until
 
@@ -215,6 +217,11 @@ def test_scraped_kv_usage_steers_least_kv_cache_and_bad_pages_are_counted(
     assert {_served_by(client.post(url, json=CHAT)) for _ in range(6)} == {free}
     text = client.get(f"{gw.url}/metrics").text
     assert f'switchyard_endpoint_waiting_requests{{endpoint="{full}"}} 3.0' in text
+    # Each scrape asks for the routing series only and for no compression; this fake ignores
+    # the filter (as an engine may) and its whole page is still read.
+    query, headers = engines[0][0].metrics_asks[-1]
+    asked = urllib.parse.parse_qs(query.decode())
+    assert asked == {"name[]": list(WANTED_SERIES)} and headers["accept-encoding"] == "identity"
     assert f'switchyard_endpoint_kv_usage_ratio{{endpoint="{full}"}} 0.9' in text
     # The pages swap: routing follows within a few scrape intervals.
     engines[0][0].metrics_text = _vllm_metrics(0.1, 0)
