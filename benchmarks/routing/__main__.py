@@ -9,6 +9,7 @@ ladder. See :mod:`benchmarks.routing.runner` for the method.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -63,10 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-requests", type=int, default=None, help="requests per probe step")
     p.add_argument("--saturation", type=float, default=None,
                    help="skip the probe: saturation rate in simulated req/s")  # fmt: skip
+    p.add_argument("--groups", type=int, default=None,
+                   help="shared-prefix groups (overrides the preset's)")  # fmt: skip
+    p.add_argument("--per-group", type=int, default=None,
+                   help="shared-prefix requests per group (overrides the preset's)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
     full = bool(args.full)
+    spec = WORKLOADS["full" if full else "quick"]
+    sizes = {"groups": args.groups, "per_group": args.per_group}
+    spec = dataclasses.replace(spec, **{k: v for k, v in sizes.items() if v is not None})
     cfg = BenchConfig(
         workloads=args.workloads or ("shared-prefix", "multi-turn", "unique", "mix"),
         contenders=args.contenders or DEFAULT_CONTENDERS,
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fractions
         else ((0.3, 0.5, 0.7, 0.9, 1.0) if full else (0.8,)),
         kv_blocks=_kv_blocks(args.kv_blocks, full),
-        spec=WORKLOADS["full" if full else "quick"],
+        spec=spec,
         engines=args.engines,
         # 1.0: at 2x the shared 2-core host became the bottleneck on multi-turn (same run,
         # ours: TTFT p50 104 vs 69 ms, p90 295 vs 127 ms) and distorted every contender.
