@@ -80,6 +80,31 @@ class Proc:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait(timeout=grace_s)
 
+    def cpu_s(self) -> float | None:
+        """CPU seconds (user + system) used so far by the process group's live members, plus
+        the reaped children of the leader; ``None`` where ``/proc`` is unavailable."""
+        total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+        try:
+            entries = os.listdir("/proc")
+        except OSError:
+            return None
+        for entry in entries:
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    # Fields after the command name (which may hold spaces): state is 3rd.
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) != self.popen.pid:  # process group id
+                continue
+            used = int(fields[11]) + int(fields[12])  # utime, stime
+            if int(entry) == self.popen.pid:
+                used += int(fields[13]) + int(fields[14])  # cutime, cstime
+            total += used / tick
+        return total
+
     def tail(self, n: int = 20) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

@@ -120,23 +120,26 @@ def print_table(rows: Sequence[RunSummary]) -> None:
     header = (
         f"{'workload':<14}{'load':>6}{'rps':>7} {'contender':<30}{'ok':>6}"
         f"{'ttft50':>8}{'ttft90':>8}{'p90 min-max':>14}{'ttft99':>8}{'itl50':>7}{'tok/s':>9}"
-        f"{'hit':>6}  split"
+        f"{'hit':>6}{'cpu/req':>8}  split"
     )
     print(header + "\n" + "-" * len(header))
     for r in rows:
         split = "/".join(f"{s * 100:.0f}" for s in r.load_split) or "-"
         lo_hi = r.extra.get("spread", {}).get("ttft_p90_s")
         p90_range = f"{lo_hi[0] * 1e3:.0f}-{lo_hi[1] * 1e3:.0f}" if lo_hi else "-"
+        cpu = r.extra.get("router_cpu_s")
+        cpu_req = f"{cpu / r.ok * 1e3:.2f}" if cpu is not None and r.ok else "-"
         print(
             f"{r.workload:<14}{r.fraction:>6.2f}{r.rate_rps:>7.2f} {r.contender:<30}"
             f"{r.ok:>3}/{r.requests:<3}{_ms(r.ttft_p50_s):>7}{_ms(r.ttft_p90_s):>8}"
             f"{p90_range:>14}{_ms(r.ttft_p99_s):>8}{_ms(r.itl_p50_s):>7}"
             f"{_num(r.output_tok_per_s, '{:.0f}'):>9}"
-            f"{_num(r.engine_hit_rate):>6}  {split}"
+            f"{_num(r.engine_hit_rate):>6}{cpu_req:>8}  {split}"
         )
     print(
         "(latencies in simulated ms; medians over rounds, p90 min-max = spread over rounds;"
-        " hit = engine-reported prefix-cache hit rate)"
+        " hit = engine-reported prefix-cache hit rate; cpu/req = the router process's CPU ms"
+        " per request during the load, separate-process contenders only)"
     )
 
 

@@ -150,7 +150,12 @@ def run_contender(
         else:
             raise launch.LaunchError(f"unknown contender kind {kind!r}")
         before = scrape_all(cluster.urls)
+        cpu_at = target.cpu_s() if target is not None else None
         results, info = anyio.run(_drive, requests, dispatcher, cfg, cluster.kv_event_urls)
+        cpu_now = target.cpu_s() if target is not None else None
+        if cpu_at is not None and cpu_now is not None:
+            # The router process's CPU during the load only (not its start-up imports).
+            info["router_cpu_s"] = cpu_now - cpu_at
         after = scrape_all(cluster.urls)
         return results, info, before, after
     finally:
@@ -302,9 +307,11 @@ def run_benchmark(cfg: BenchConfig) -> tuple[list[RunSummary], dict[str, Any]]:
                         results=results, speed=cfg.speed, before=before, after=after, extra=info,
                     )  # fmt: skip
                     rounds.setdefault(contender, []).append(row)
+                    cpu = info.get("router_cpu_s")
                     print(
                         f"  r{rnd} {contender:<28} ok {row.ok}/{row.requests} ttft p90 "
-                        f"{(row.ttft_p90_s or 0) * 1e3:.0f} ms hit {row.engine_hit_rate}",
+                        f"{(row.ttft_p90_s or 0) * 1e3:.0f} ms hit {row.engine_hit_rate}"
+                        + (f" router cpu {cpu:.1f} s" if cpu is not None else ""),
                         flush=True,
                     )
             rows.extend(median_run(runs) for runs in rounds.values())
@@ -335,8 +342,15 @@ def median_run(runs: Sequence[RunSummary]) -> RunSummary:
         medians[name] = values[(len(values) - 1) // 2] if values else None
         if values:
             spread[name] = [values[0], values[-1]]
-    rounds = [{name: getattr(r, name) for name in _MEDIAN_FIELDS} for r in runs]
+    rounds = [
+        {**{name: getattr(r, name) for name in _MEDIAN_FIELDS},
+         "router_cpu_s": r.extra.get("router_cpu_s")}
+        for r in runs
+    ]  # fmt: skip
+    cpus = sorted(c for r in runs if (c := r.extra.get("router_cpu_s")) is not None)
     extra = {**chosen.extra, "rounds": rounds, "spread": spread}
+    if cpus:
+        extra["router_cpu_s"] = cpus[(len(cpus) - 1) // 2]
     return replace(
         chosen,
         ttft_p50_s=medians["ttft_p50_s"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import orjson
@@ -266,6 +267,34 @@ def test_median_run_picks_the_median_p90_round() -> None:
     mixed = median_run(tps)  # each metric its own median
     assert (mixed.ttft_p90_s, mixed.output_tok_per_s) == (0.1, 3)
     assert mixed.extra["spread"]["output_tok_per_s"] == [1, 5]
+    cpu = [dc_replace(base, extra={"router_cpu_s": c}) for c in (4.0, 2.0, 9.0)]
+    assert median_run(cpu).extra["router_cpu_s"] == 4.0
+    assert "router_cpu_s" not in median_run(runs).extra  # in-process contenders: none
+
+
+def test_proc_cpu_counts_its_process_group_and_reaped_children(tmp_path: Path) -> None:
+    import sys
+    import time
+
+    from benchmarks.routing.launch import spawn
+
+    # A child burns CPU and is reaped; the leader then idles. Neither is this test's process.
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.run([sys.executable, '-c', 'sum(range(60_000_000))'], check=True)\n"
+        "print('done', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    proc = spawn("burner", [sys.executable, "-c", script], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "done" not in proc.tail() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "done" in proc.tail()
+        used = proc.cpu_s()
+        assert used is not None and used >= 0.2  # sum(range(6e7)): over 0.5 s of CPU here
+    finally:
+        proc.stop()
 
 
 def test_multi_turn_sessions_share_one_system_prompt_then_their_own_history() -> None:
