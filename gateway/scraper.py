@@ -8,12 +8,14 @@ time, each bounded by ``scrape_timeout_s``), parses it with
 ``block_size`` and running adapters in the next snapshot. A failed scrape keeps the last
 good values (their age is ``scraped_at``) and counts ``switchyard_scrape_errors_total``.
 
-Each request asks only for :data:`routing.WANTED_SERIES` (``?name[]=...``, Prometheus'
-series filter, which vLLM's prometheus_client app and enginesim honour) and for an
-uncompressed body (``accept-encoding: identity``; prometheus_client gzips whenever the
-client accepts it, and httpx accepts it by default). On enginesim that is ~1.5 KB instead
-of ~31 KB per engine per round, and no gzip on either side. An engine that ignores the
-filter still works: the parser picks the same series out of a whole page.
+Each request asks only for :data:`routing.WANTED_SERIES`: ``GET /metrics/?name[]=...``,
+Prometheus' series filter. vLLM 0.32 answers ``/metrics`` with the whole page whatever the
+query (52 KB for one small model, mostly histogram buckets) but ``/metrics/`` -- its
+mounted prometheus_client app -- with just the asked series (4 KB); enginesim does the
+same. An engine without that path (404, 405, a redirect, or a 200 page with no ``vllm:``
+sample) is asked for ``/metrics`` instead from then on, and the parser picks the same
+series out of the whole page. Bodies are asked uncompressed (``accept-encoding:
+identity``): prometheus_client gzips when the client accepts it, and httpx does by default.
 
 Example::
 
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 MAX_METRICS_BYTES = 4 * 1024 * 1024
 SERIES_FILTER: tuple[tuple[str, str], ...] = tuple(("name[]", n) for n in WANTED_SERIES)
-"""The query string of every scrape (see the module docstring)."""
+"""The query string of a filtered scrape (see the module docstring)."""
+_NO_FILTERED_PATH = frozenset({301, 302, 303, 307, 308, 404, 405})
 
 
 class MetricsScraper:
@@ -58,6 +61,7 @@ class MetricsScraper:
         self._metrics = metrics
         self._limiter = anyio.CapacityLimiter(settings.scrape_concurrency)
         self._params = httpx.QueryParams(SERIES_FILTER)
+        self._unfiltered: set[str] = set()  # endpoints without the filtered path
 
     async def run(self) -> None:
         """Scrape forever, one round every ``scrape_interval_s`` (start to start)."""
@@ -68,6 +72,7 @@ class MetricsScraper:
             await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def scrape_once(self) -> None:
+        self._unfiltered &= {state.id for state in self._endpoints}  # removed engines
         async with anyio.create_task_group() as tg:
             for state in self._endpoints:
                 tg.start_soon(self._limited, state)
@@ -82,12 +87,15 @@ class MetricsScraper:
         kind: str | None = None
         try:
             with anyio.fail_after(timeout * 2):
-                resp = await self._client.get(
-                    f"{state.url}/metrics",
-                    params=self._params,
-                    timeout=timeout,
-                    headers={**state.upstream_headers, "accept-encoding": "identity"},
-                )
+                filtered = state.id not in self._unfiltered
+                resp = await self._get(state, filtered=filtered)
+                if filtered and (
+                    resp.status_code in _NO_FILTERED_PATH
+                    or (resp.status_code == 200 and b"vllm:" not in resp.content)
+                ):
+                    self._unfiltered.add(state.id)
+                    log.info("engine %s: no filtered /metrics/ (%s)", state.id, resp.status_code)
+                    resp = await self._get(state, filtered=False)
             if resp.status_code != 200:
                 kind = f"http_{resp.status_code}"
             elif len(resp.content) > MAX_METRICS_BYTES:
@@ -102,3 +110,11 @@ class MetricsScraper:
             log.warning("engine %s: unparsable /metrics: %s", state.id, exc)
         self._metrics.scrape_errors.labels(endpoint=state.id, kind=kind).inc()
         return False
+
+    async def _get(self, state: EndpointState, *, filtered: bool) -> httpx.Response:
+        return await self._client.get(
+            f"{state.url}/metrics/" if filtered else f"{state.url}/metrics",
+            params=self._params if filtered else None,
+            timeout=self._settings.scrape_timeout_s,
+            headers={**state.upstream_headers, "accept-encoding": "identity"},
+        )

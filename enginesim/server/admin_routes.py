@@ -32,6 +32,7 @@ from enginesim.server.runtime import EngineRuntime
 __all__ = ["build_admin_router"]
 
 SIM_VERSION = "0.32.0+enginesim"
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def adapter_size_bytes(path: Path) -> int:
@@ -110,12 +111,18 @@ def build_admin_router(rt: EngineRuntime) -> APIRouter:  # noqa: C901 - a flat l
         data += [_model_card(rt, n, p, spec.served_model_name) for n, p in rt.adapters.items()]
         return {"object": "list", "data": data}
 
+    # As vLLM 0.32 serves them: ``/metrics`` is the whole page whatever the query, and
+    # ``/metrics/`` (prometheus_client's mounted app) honours ``?name[]=a&name[]=b``, the
+    # filter the gateway's scraper uses.
     @router.get("/metrics")
-    async def metrics(names: Annotated[list[str] | None, Query(alias="name[]")] = None) -> Response:
-        # ?name[]=a&name[]=b restricts the page to those samples (prometheus_client's filter).
-        return Response(
-            rt.metrics.render(names or ()), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+    async def metrics() -> Response:
+        return Response(rt.metrics.render(), media_type=METRICS_MEDIA_TYPE)
+
+    @router.get("/metrics/")
+    async def metrics_filtered(
+        names: Annotated[list[str] | None, Query(alias="name[]")] = None,
+    ) -> Response:
+        return Response(rt.metrics.render(names or ()), media_type=METRICS_MEDIA_TYPE)
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

@@ -40,8 +40,9 @@ class FakeEngine:
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     metrics_text: str | None = None  # GET /metrics answers this (Prometheus text), else 404
-    metrics_asks: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
-    """Query string and headers of every GET /metrics (newest last)."""
+    metrics_paths: tuple[str, ...] = ("/metrics",)  # where metrics_text is served
+    metrics_asks: list[tuple[str, bytes, dict[str, str]]] = field(default_factory=list)
+    """Path, query string and headers of the last 8 GETs of a /metrics path (newest last)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -52,10 +53,7 @@ class FakeEngine:
             await _send_json(send, self.health_status, {} if self.health_status == 200 else {})
         elif path == "/v1/models" and method == "GET":
             await _send_json(send, 200, self._models())
-        elif path == "/metrics" and method == "GET" and self.metrics_text is not None:
-            asked = {k.decode(): v.decode() for k, v in scope["headers"]}
-            self.metrics_asks.append((scope["query_string"], asked))
-            del self.metrics_asks[:-8]
+        elif path.startswith("/metrics") and method == "GET" and self._ask(scope):
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/plain; version=0.0.4")]})  # fmt: skip
             await send({"type": "http.response.body", "body": self.metrics_text.encode()})
@@ -63,6 +61,13 @@ class FakeEngine:
             await self._generate(scope, receive, send, path)
         else:
             await _send_json(send, 404, {"error": {"message": "nope", "type": "NotFound"}})
+
+    def _ask(self, scope: Scope) -> bool:
+        """Record a metrics GET; whether it is answered with ``metrics_text``."""
+        asked = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.metrics_asks.append((scope["path"], scope["query_string"], asked))
+        del self.metrics_asks[:-8]
+        return self.metrics_text is not None and scope["path"] in self.metrics_paths
 
     def _models(self) -> dict[str, Any]:
         data: list[dict[str, Any]] = [

@@ -217,11 +217,11 @@ def test_scraped_kv_usage_steers_least_kv_cache_and_bad_pages_are_counted(
     assert {_served_by(client.post(url, json=CHAT)) for _ in range(6)} == {free}
     text = client.get(f"{gw.url}/metrics").text
     assert f'switchyard_endpoint_waiting_requests{{endpoint="{full}"}} 3.0' in text
-    # Each scrape asks for the routing series only and for no compression; this fake ignores
-    # the filter (as an engine may) and its whole page is still read.
-    query, headers = engines[0][0].metrics_asks[-1]
-    asked = urllib.parse.parse_qs(query.decode())
-    assert asked == {"name[]": list(WANTED_SERIES)} and headers["accept-encoding"] == "identity"
+    # This fake has no filtered /metrics/ path: after one 404 there the scraper asks for the
+    # whole /metrics page, uncompressed, and keeps asking there.
+    asks = engines[0][0].metrics_asks
+    assert [path for path, _, _ in asks].count("/metrics/") <= 1 and asks[-1][0] == "/metrics"
+    assert asks[-1][1] == b"" and asks[-1][2]["accept-encoding"] == "identity"
     assert f'switchyard_endpoint_kv_usage_ratio{{endpoint="{full}"}} 0.9' in text
     # The pages swap: routing follows within a few scrape intervals.
     engines[0][0].metrics_text = _vllm_metrics(0.1, 0)
@@ -232,3 +232,20 @@ def test_scraped_kv_usage_steers_least_kv_cache_and_bad_pages_are_counted(
     needle = f'switchyard_scrape_errors_total{{endpoint="{full}",kind="parse_error"}}'
     assert wait_until(lambda: needle in client.get(f"{gw.url}/metrics").text)
     assert _served_by(client.post(url, json=CHAT)) == full
+
+
+def test_scraper_asks_the_filtered_path_for_the_routing_series_only(
+    start_engines: StartEngines, start_gateway: StartGateway, client: httpx.Client
+) -> None:
+    [(engine, srv)] = start_engines(1)
+    engine.metrics_text = _vllm_metrics(0.4, 2)
+    engine.metrics_paths = ("/metrics", "/metrics/")
+    gw = start_gateway([srv.url], routing={"scrape_interval_s": 0.05})
+    needle = (
+        f'switchyard_endpoint_waiting_requests{{endpoint="{srv.url.removeprefix("http://")}"}} 2.0'
+    )
+    assert wait_until(lambda: needle in client.get(f"{gw.url}/metrics").text)
+    assert wait_until(lambda: len(engine.metrics_asks) >= 3)
+    for path, query, headers in engine.metrics_asks:
+        assert path == "/metrics/" and headers["accept-encoding"] == "identity"
+        assert urllib.parse.parse_qs(query.decode()) == {"name[]": list(WANTED_SERIES)}
