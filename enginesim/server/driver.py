@@ -97,6 +97,7 @@ class EngineDriver:
         self.core = core
         self.speed = speed
         self._metrics = metrics
+        self._lora_enabled = core.stats().max_loras > 0  # vLLM's --enable-lora
         self._slowdown = slowdown
         self._on_events = on_events
         self._clock = clock
@@ -185,7 +186,7 @@ class EngineDriver:
             self._cursor = end
             busy = True
             self._deliver(res, start=start, end=end)
-            if self._metrics.adapter_ever_loaded:
+            if self._lora_enabled:
                 self._metrics.record_lora(self.core.stats())
 
     def _step_start(self, busy: bool) -> float:

