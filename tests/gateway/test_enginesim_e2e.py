@@ -187,15 +187,17 @@ async def test_sdk_async(cluster: Cluster) -> None:
 
 
 def test_client_disconnect_frees_the_engine_slot(cluster: Cluster) -> None:
+    # ignore_eos: without it a sampled EOS could end the request within a few hundred tokens
+    # (under a second at speed 10), before the running gauge is read.
     body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}],
-            "max_tokens": 1500, "stream": True}  # fmt: skip
+            "max_tokens": 1500, "stream": True, "ignore_eos": True}  # fmt: skip
     assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0)
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", f"{cluster.base_url}/chat/completions", json=body) as resp:
             chunks = resp.iter_raw()
             next(chunks)
             # The first chunk (the role delta) can precede the step that schedules the
-            # request, so the gauge may trail it on a loaded host; the stream stays open.
+            # request, so the gauge may trail it; the stream stays open meanwhile.
             assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 1)
     # The connection is closed: the gateway cancels upstream and the engine aborts.
     assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0, timeout=15)
