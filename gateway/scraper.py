@@ -63,11 +63,11 @@ class MetricsScraper:
         self._settings = settings
         self._metrics = metrics
         self._limiter = anyio.CapacityLimiter(settings.scrape_concurrency)
-        # Built once per engine: httpx re-encodes ``params=`` on every request (~0.25 ms for
-        # these ~20 names, more than the filter saved on a small page); a URL object is reused.
-        self._filtered_urls: dict[str, httpx.URL] = {}
         self._filtered = filtered
-        self._unfiltered: set[str] = set()  # endpoints without the filtered path
+        # Per engine id: its filtered URL, built once (httpx re-encodes ``params=`` on every
+        # request, ~0.25 ms for these ~20 names, more than the filter saved on a small page),
+        # or None once the engine showed it has no filtered path.
+        self._filtered_urls: dict[str, httpx.URL | None] = {}
 
     async def run(self) -> None:
         """Scrape forever, one round every ``scrape_interval_s`` (start to start)."""
@@ -77,18 +77,19 @@ class MetricsScraper:
             await self.scrape_once()
             await anyio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
-    async def scrape_once(self) -> None:
-        current = {state.id for state in self._endpoints}
-        self._unfiltered &= current  # forget removed engines
-        for eid in self._filtered_urls.keys() - current:
-            del self._filtered_urls[eid]
+    async def scrape_once(self) -> int:
+        """Every engine once, concurrently; returns how many were updated."""
+        for eid in self._filtered_urls.keys() - {state.id for state in self._endpoints}:
+            del self._filtered_urls[eid]  # removed engines
+        updated: list[bool] = []
         async with anyio.create_task_group() as tg:
             for state in self._endpoints:
-                tg.start_soon(self._limited, state)
+                tg.start_soon(self._limited, state, updated)
+        return sum(updated)
 
-    async def _limited(self, state: EndpointState) -> None:
+    async def _limited(self, state: EndpointState, updated: list[bool]) -> None:
         async with self._limiter:
-            await self.scrape(state)
+            updated.append(await self.scrape(state))
 
     async def scrape(self, state: EndpointState) -> bool:
         """One engine; returns whether its state was updated."""
@@ -96,15 +97,15 @@ class MetricsScraper:
         kind: str | None = None
         try:
             with anyio.fail_after(timeout * 2):
-                filtered = self._filtered and state.id not in self._unfiltered
-                resp = await self._get(state, filtered=filtered)
-                if filtered and (
+                url, whole = self._filtered_url(state), f"{state.url}/metrics"
+                resp = await self._get(state, url or whole)
+                if url is not None and (
                     resp.status_code in _NO_FILTERED_PATH
                     or (resp.status_code == 200 and b"vllm:" not in resp.content)
                 ):
-                    self._unfiltered.add(state.id)
+                    self._filtered_urls[state.id] = None
                     log.info("engine %s: no filtered /metrics/ (%s)", state.id, resp.status_code)
-                    resp = await self._get(state, filtered=False)
+                    resp = await self._get(state, whole)
             if resp.status_code != 200:
                 kind = f"http_{resp.status_code}"
             elif len(resp.content) > MAX_METRICS_BYTES:
@@ -120,11 +121,15 @@ class MetricsScraper:
         self._metrics.scrape_errors.labels(endpoint=state.id, kind=kind).inc()
         return False
 
-    async def _get(self, state: EndpointState, *, filtered: bool) -> httpx.Response:
-        url: httpx.URL | str = f"{state.url}/metrics"
-        if filtered:
-            url = self._filtered_urls.get(state.id) or httpx.URL(f"{url}/", params=SERIES_FILTER)
-            self._filtered_urls[state.id] = url
+    def _filtered_url(self, state: EndpointState) -> httpx.URL | None:
+        """The engine's filtered-page URL; None when not filtering or it has none."""
+        if not self._filtered:
+            return None
+        if state.id not in self._filtered_urls:
+            self._filtered_urls[state.id] = httpx.URL(f"{state.url}/metrics/", params=SERIES_FILTER)
+        return self._filtered_urls[state.id]
+
+    async def _get(self, state: EndpointState, url: httpx.URL | str) -> httpx.Response:
         return await self._client.get(
             url,
             timeout=self._settings.scrape_timeout_s,

@@ -25,7 +25,7 @@ import anyio
 import httpx
 
 from benchmarks.routing import launch
-from gateway.endpoints import EndpointRegistry, EndpointState
+from gateway.endpoints import EndpointRegistry
 from gateway.metrics import GatewayMetrics
 from gateway.scraper import SERIES_FILTER, MetricsScraper
 from gateway.settings import RoutingSettings
@@ -38,19 +38,6 @@ async def _warm(client: httpx.AsyncClient, url: str) -> None:
     for n in (1, 2):
         body = {"model": model, "prompt": "warm up " * 50, "max_tokens": 4, "n": n}
         (await client.post(f"{url}/v1/completions", json=body)).raise_for_status()
-
-
-async def _round(scraper: MetricsScraper, registry: EndpointRegistry) -> list[bool]:
-    """One scrape of every engine, concurrently (as ``scrape_once``); each one's success."""
-    results: list[bool] = []
-
-    async def one(state: EndpointState) -> None:
-        results.append(await scraper.scrape(state))
-
-    async with anyio.create_task_group() as tg:
-        for state in registry:
-            tg.start_soon(one, state)
-    return results
 
 
 async def _measure(urls: list[str], rounds: int, blocks: int) -> dict[str, dict[str, float]]:
@@ -80,9 +67,9 @@ async def _measure(urls: list[str], rounds: int, blocks: int) -> dict[str, dict[
             await scraper.scrape_once()  # warm the connections outside the measurement
             started = time.process_time()
             for _ in range(rounds // blocks):
-                results = await _round(scraper, registry)
-                done[mode] += sum(results)
-                failed[mode] += len(results) - sum(results)
+                updated = await scraper.scrape_once()
+                done[mode] += updated
+                failed[mode] += len(urls) - updated
             cpu[mode] += time.process_time() - started
     return {
         m: {
