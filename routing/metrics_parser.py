@@ -98,9 +98,9 @@ _INFO_NAMES = ("vllm:cache_config_info", "vllm:lora_requests_info")
 _WANTED = frozenset((*_SUMMED, *_KV_NAMES, *_INFO_NAMES))
 WANTED_SERIES: tuple[str, ...] = tuple(sorted(_WANTED))
 """Sample names routing reads, for a scraper to ask for with Prometheus' ``name[]`` filter
-(``/metrics?name[]=a&name[]=b``, honoured by prometheus_client's exposition apps, which vLLM
-mounts): the page shrinks from every histogram bucket to ~20 lines. An engine that ignores
-the filter sends the whole page and :func:`parse_vllm_metrics` still picks these out."""
+(``?name[]=a&name[]=b``, honoured by prometheus_client's exposition app, which vLLM 0.32
+mounts at ``/metrics/``; its ``/metrics`` ignores it): the page shrinks from every histogram
+bucket to ~20 lines. A whole page still works: :func:`parse_vllm_metrics` picks these out."""
 _SAMPLE_LINE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})?[ \t]+\S")
 """A sample line's shape: metric name, optional label set, whitespace, a value."""
 

@@ -264,7 +264,7 @@ class EngineMetrics:
 
     def render(self, names: Sequence[str] = ()) -> bytes:
         """The exposition page; with ``names``, only those samples (Prometheus' ``name[]``
-        filter, as vLLM's prometheus_client app serves it)."""
+        filter, as vLLM's prometheus_client app at ``/metrics/`` serves it)."""
         if names:
             return generate_latest(self.registry.restricted_registry(names))
         return generate_latest(self.registry)
