@@ -60,38 +60,9 @@ def _messages(exc: BaseException) -> list[str]:
     return [f"{type(exc).__name__}: {exc}"]
 
 
-def run_sim(
-    *,
-    engines: int,
-    base_port: int,
-    profile: str,
-    speed: float,
-    kv_events: bool,
-    model: str | None,
-    host: str,
-    kv_events_base_port: int = 5557,
-    seed: int = 0,
-    cold_start_s: float | None = 0.0,
-    faults: Faults | None = None,
-    tokenizer: str | None = None,
-) -> None:
+def run_sim(cfg: ClusterConfig) -> None:
     """What ``switchyard sim`` calls (exits with status 1 if the engines failed)."""
-    code = run_cluster(
-        ClusterConfig(
-            engines=engines,
-            base_port=base_port,
-            host=host,
-            profile=profile,
-            speed=speed,
-            kv_events=kv_events,
-            kv_events_base_port=kv_events_base_port,
-            model=model,
-            seed=seed,
-            cold_start_s=cold_start_s,
-            faults=faults or Faults(),
-            tokenizer=tokenizer,
-        )
-    )
+    code = run_cluster(cfg)
     if code:
         sys.exit(code)
 

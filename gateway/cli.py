@@ -108,15 +108,18 @@ def sim(
 ) -> None:
     """Run N vLLM-compatible simulated engines in one process."""
     from enginesim.cli import run_sim
+    from enginesim.cluster import ClusterConfig
 
     run_sim(
-        engines=engines,
-        base_port=base_port,
-        profile=profile,
-        speed=speed,
-        kv_events=kv_events,
-        model=model,
-        host=host,
+        ClusterConfig(
+            engines=engines,
+            base_port=base_port,
+            host=host,
+            profile=profile,
+            speed=speed,
+            kv_events=kv_events,
+            model=model,
+        )
     )
 
 
