@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from benchmarks.ports import free_port
 
 SERVED_MODEL = "smollm2"
 MAX_MODEL_LEN = 2048
@@ -98,14 +99,6 @@ class RunningEngine:
     model_root: str
     pid: int
     log_path: Path
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1 (bind port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _tail(path: Path, *, lines: int = 40) -> str:

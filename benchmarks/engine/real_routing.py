@@ -51,9 +51,9 @@ from benchmarks.engine.launch import (
     EngineStartError,
     RealEngineLayout,
     RunningEngine,
-    free_port,
     start_vllm,
 )
+from benchmarks.ports import free_port
 from routing import parse_vllm_metrics
 
 POLICIES = ("round-robin", "prefix-cache")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from benchmarks.ports import free_port_block
 
 PEER_NAMES = ("sglang-router", "vllm-router")
 PEERS_HOME = Path.home() / ".cache" / "switchyard" / "peers"
@@ -36,24 +37,6 @@ OFFLINE_ENV = {
 
 class LaunchError(RuntimeError):
     """A process did not start or did not become ready in time (see its log)."""
-
-
-def free_port_block(n: int, *, start: int = 20000, stop: int = 60000) -> int:
-    """A base port with ``n`` consecutive free ports on 127.0.0.1 (best effort, racy)."""
-    for base in range(start + (os.getpid() % 500) * 37, stop, n + 7):
-        socks: list[socket.socket] = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise LaunchError(f"no block of {n} free ports")
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+from benchmarks.ports import free_port_block
 from enginesim.cluster import ClusterConfig, serve_cluster
 from tests.enginesim.server_harness import (
     metric_families,
@@ -72,23 +73,8 @@ async def test_serve_cluster_is_cancellable_inside_a_task_group() -> None:
             await client.get(ready[0] + "/health")
 
 
-def _two_free_ports() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
-
-
 def test_python_m_enginesim_serves_and_exits_cleanly_on_sigterm() -> None:
-    port = _two_free_ports()
+    port = free_port_block(2)
     argv = [sys.executable, "-m", "enginesim", "--engines", "2", "--base-port", str(port),
             "--model", MODEL, "--speed", "20"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -7,7 +7,6 @@ runs in a thread on a free port. Nothing of ours is mocked.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,17 +19,12 @@ import httpx
 import openai
 import pytest
 
+from benchmarks.ports import free_port
 from gateway.app import create_app
 from tests.gateway.conftest import gateway_settings
 from tests.gateway.servers import ServerThread, wait_until
 
 MODEL = "smollm2"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -55,7 +49,7 @@ class SimEngine:
 
 
 def _start_engine(speed: float) -> SimEngine:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "enginesim", "--engines", "1", "--base-port", str(port),
          "--speed", str(speed)],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.ports import free_port_block
 from gateway.app import create_app
 from gateway.settings import EngineConfig
 from routing import parse_vllm_metrics
@@ -32,29 +32,6 @@ from tests.gateway.servers import ServerThread, wait_until
 
 MODEL = "llama3-test"
 WORDS = [f"w{i}" for i in range(3000)]
-
-
-def _free_block(n: int) -> int:
-    """A base port with ``n`` consecutive free ports (bounded retries)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + n > 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no block of free ports")
 
 
 def _write_tokenizer(directory: Path) -> Path:
@@ -87,7 +64,7 @@ class Sim:
 
 
 def _start_sim(tmp: Path, *, engines: int, profile: str, kv_events: bool) -> Sim:
-    base = _free_block(engines * 2)
+    base = free_port_block(engines * 2)
     tokenizer = _write_tokenizer(tmp)
     argv = [sys.executable, "-m", "enginesim", "--engines", str(engines),
             "--base-port", str(base), "--profile", profile, "--speed", "20",

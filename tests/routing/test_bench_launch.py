@@ -8,20 +8,29 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.ports import free_port, free_port_block
 from benchmarks.routing import launch
 
 
-def test_free_port_block_is_bindable() -> None:
-    base = launch.free_port_block(3)
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_free_port_block_is_bindable(n: int) -> None:
+    base = free_port_block(n)
     socks = []
     try:
-        for p in range(base, base + 3):
+        for p in range(base, base + n):
             s = socket.socket()
             socks.append(s)
             s.bind(("127.0.0.1", p))
     finally:
         for s in socks:
             s.close()
+
+
+def test_free_port_is_bindable_and_an_empty_block_is_refused() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))
+    with pytest.raises(ValueError):
+        free_port_block(0)
 
 
 def test_spawn_stop_and_tail(tmp_path: Path) -> None:
