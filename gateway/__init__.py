@@ -9,7 +9,7 @@ Example::
 from __future__ import annotations
 
 from gateway.app import create_app
-from gateway.proxy import FinishedRequest, RequestObserver
+from gateway.exchange import FinishedRequest, RequestObserver
 from gateway.services import Services
 from gateway.settings import Settings
 

@@ -1,9 +1,12 @@
 """The app factory: ``create_app(settings, *, services=None)``.
 
-The lifespan opens a :class:`gateway.services.Services` (unless the caller passes one, as
-tests do) and exposes it as lifespan state (``request.state.services``). Exception handlers
-turn every error into the OpenAI envelope; middleware is pure ASGI (see
-:mod:`gateway.middleware`).
+The app is a stack of pure-ASGI layers, outermost first: the middleware of
+:mod:`gateway.middleware` (request id, access log, concurrency guard, body-size limit), then
+:class:`gateway.routes.proxied.ProxiedRoutes` (chat, completions and embeddings as raw
+ASGI, the hot path), then a FastAPI app for everything else (models, probes, metrics,
+admin). FastAPI's lifespan opens a :class:`gateway.services.Services` (unless the caller
+passes one, as tests do) and exposes it as lifespan state (``scope["state"]["services"]``).
+Exception handlers turn every error into the OpenAI envelope.
 
 Example::
 
@@ -21,9 +24,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
 from gateway.errors import ClientError, GatewayError, InvalidField, NotFound
 from gateway.middleware import (
@@ -34,6 +37,7 @@ from gateway.middleware import (
 )
 from gateway.responses import error_response
 from gateway.routes import admin, openai, ops
+from gateway.routes.proxied import ProxiedRoutes
 from gateway.services import Services
 from gateway.settings import Settings
 from gateway.shutdown import InFlight
@@ -66,6 +70,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # A bug, not a client error: the usual envelope (the server logs the traceback).
+    return error_response(GatewayError("internal gateway error"))
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # The client left while sending its body; nobody will read this answer.
     return Response(status_code=499)
@@ -77,40 +86,42 @@ def create_app(
     services: Services | None = None,
     config_path: Path | None = None,
     inflight: InFlight | None = None,
-) -> FastAPI:
+) -> ASGIApp:
     """Build the gateway app; pass ``services`` to use an already-open container, and
     ``inflight`` to let the caller end in-flight requests cleanly on shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Services]]:
         if services is not None:
-            yield {"services": services}
+            try:
+                yield {"services": services}
+            finally:  # its request-path session was opened on this loop
+                await services.upstream.aclose()
             return
         async with Services.open(settings, config_path=config_path, inflight=inflight) as opened:
             yield {"services": opened}
 
-    app = FastAPI(
+    api = FastAPI(
         title="Switchyard",
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        middleware=[
-            Middleware(RequestIdMiddleware),
-            *([Middleware(AccessLogMiddleware)] if settings.server.access_log else []),
-            Middleware(
-                ConcurrencyLimitMiddleware, max_requests=settings.server.max_concurrent_requests
-            ),
-            Middleware(BodySizeLimitMiddleware, max_bytes=settings.server.max_body_bytes),
-        ],
         exception_handlers={
+            Exception: _internal_error,
             GatewayError: _gateway_error,
             RequestValidationError: _validation_error,
             StarletteHTTPException: _http_error,
             ClientDisconnect: _client_gone,
         },
     )
-    app.include_router(openai.router)
-    app.include_router(ops.router)
-    app.include_router(admin.router)
-    return app
+    api.include_router(openai.router)
+    api.include_router(ops.router)
+    api.include_router(admin.router)
+    server = settings.server
+    app: ASGIApp = ProxiedRoutes(api)
+    app = BodySizeLimitMiddleware(app, max_bytes=server.max_body_bytes)
+    app = ConcurrencyLimitMiddleware(app, max_requests=server.max_concurrent_requests)
+    if server.access_log:
+        app = AccessLogMiddleware(app)
+    return RequestIdMiddleware(app)

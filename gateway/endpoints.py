@@ -10,16 +10,16 @@ Example::
 
     registry = EndpointRegistry()
     state = registry.add("http://127.0.0.1:8100")
-    with registry.lease(state, prompt_tokens=12) as ticket:   # in-flight +1 until exit
-        ...
+    with state.lease(prompt_tokens=12) as lease:   # in-flight +1 until exit
+        lease.first_token(ttft_s=0.05)
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -86,6 +86,26 @@ class EndpointState:
         self.consecutive_successes = 0
         self.last_error: str | None = None
         self.set_models(())
+
+    def lease(
+        self,
+        *,
+        prompt_tokens: int = 0,
+        max_tokens: int | None = None,
+        cached_tokens: int = 0,
+        seq: int | None = None,
+        placed: bool = False,
+    ) -> Lease:
+        """Count one request in flight here until the lease is released (see :class:`Lease`);
+        ``cached_tokens`` is the expected prefix-cache hit (not queued as prefill work)."""
+        ticket = self.engine.begin(
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            cached_tokens=cached_tokens,
+            seq=seq,
+            placed=placed,
+        )
+        return Lease(self, ticket)
 
     @property
     def healthy(self) -> bool:
@@ -222,28 +242,41 @@ class EndpointRegistry:
                     )
         return out
 
-    @contextmanager
-    def lease(
+
+class Lease:
+    """One request's hold on one engine: what the proxy reports while it relays the answer.
+
+    Bound to its engine, so the proxy never touches :mod:`routing.state` itself. Released
+    exactly once, however the attempt ends (``with`` block exit, or :meth:`release`).
+    """
+
+    __slots__ = ("_ticket", "state")
+
+    def __init__(self, state: EndpointState, ticket: Ticket) -> None:
+        self.state = state
+        self._ticket = ticket
+
+    @property
+    def first_token_seen(self) -> bool:
+        return self._ticket.started
+
+    def first_token(self, *, ttft_s: float) -> None:
+        """The first generated text arrived (the prefill is no longer queued work)."""
+        self.state.engine.first_token(self._ticket, ttft_s=ttft_s)
+
+    def tokens(self, *, n: int, itl_s: float | None = None) -> None:
+        self.state.engine.tokens(self._ticket, n=n, itl_s=itl_s)
+
+    def release(self) -> None:
+        self.state.engine.finish(self._ticket)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
         self,
-        state: EndpointState,
-        *,
-        prompt_tokens: int = 0,
-        max_tokens: int | None = None,
-        cached_tokens: int = 0,
-        seq: int | None = None,
-        placed: bool = False,
-    ) -> Iterator[Ticket]:
-        """Count one request in flight on ``state`` until the block exits, however it exits
-        (success, error, stream end, cancellation by a client disconnect); ``cached_tokens``
-        is the expected prefix-cache hit there (not queued as prefill work)."""
-        ticket = state.engine.begin(
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            cached_tokens=cached_tokens,
-            seq=seq,
-            placed=placed,
-        )
-        try:
-            yield ticket
-        finally:
-            state.engine.finish(ticket)
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

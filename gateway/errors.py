@@ -11,6 +11,7 @@
     │   ├── Unauthorized            401  code=invalid_api_key
     │   ├── NotFound                404  code=not_found          (unknown route/engine id)
     │   ├── ModelNotFound           404  code=model_not_found
+    │   ├── MethodNotAllowed        405  code=method_not_allowed
     │   └── BodyTooLarge            413  code=request_too_large
     └── UpstreamError (502 server_error)
         ├── UpstreamUnavailable     502  code=upstream_unavailable   (connect refused/reset)
@@ -19,18 +20,19 @@
         └── NoHealthyEndpoint       503  code=no_healthy_endpoint
 
 Upstream 4xx (and the last upstream 5xx after failover) are passed through unchanged; only
-the gateway's own failures use these classes. httpx exceptions are translated in exactly one
-place, :func:`map_upstream_errors`. After SSE headers are sent, :func:`sse_error_event`
-renders the one final ``data: {"error": ...}`` event.
+the gateway's own failures use these classes. The request path's client errors (aiohttp, see
+:mod:`gateway.upstream`) are translated in exactly one place, :func:`map_upstream_errors`;
+:func:`send_error` writes any of these as a raw ASGI response. After SSE headers are sent,
+:func:`sse_error_event` renders the one final ``data: {"error": ...}`` event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
-import httpx
+import aiohttp
 import orjson
 
 from gateway.context import current_request_id
@@ -105,6 +107,14 @@ class ModelNotFound(ClientError):
         )
 
 
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+    def headers(self) -> dict[str, str]:
+        return {"allow": "POST"}
+
+
 class BodyTooLarge(ClientError):
     status = 413
     code = "request_too_large"
@@ -168,25 +178,38 @@ def sse_error_event(exc: GatewayError) -> bytes:
     return b"data: " + error_body(exc) + b"\n\n"
 
 
+async def send_error(
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]], exc: GatewayError
+) -> None:
+    """Answer ``exc`` as a whole raw ASGI response (head and body)."""
+    await send({"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)})
+    await send({"type": "http.response.body", "body": error_body(exc)})
+
+
 @contextmanager
 def map_upstream_errors(endpoint_id: str) -> Iterator[None]:
-    """Translate httpx exceptions into :class:`UpstreamError` subclasses (the one place)."""
+    """Translate the upstream client's exceptions into :class:`UpstreamError` (the one place).
+
+    Retryable (nothing reached the engine, or it dropped the connection before answering):
+    connect and pool timeouts, refused or reset connections. A read timeout is not: the
+    engine may be working on the request.
+    """
     try:
         yield
-    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+    except aiohttp.ConnectionTimeoutError as exc:
         raise UpstreamTimeout(
-            f"engine {endpoint_id} did not accept the request in time ({type(exc).__name__})",
+            f"engine {endpoint_id} did not accept the request in time (connect timeout)",
             retryable=True,
         ) from exc
-    except httpx.TimeoutException as exc:
+    except TimeoutError as exc:  # aiohttp's SocketTimeoutError (sock_read) and total timeout
         raise UpstreamTimeout(f"engine {endpoint_id} timed out ({type(exc).__name__})") from exc
-    except httpx.ConnectError as exc:
+    except aiohttp.ClientConnectorError as exc:
         raise UpstreamUnavailable(
             f"engine {endpoint_id} unreachable ({type(exc).__name__})", retryable=True
         ) from exc
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
         raise UpstreamUnavailable(
             f"engine {endpoint_id} closed the connection ({type(exc).__name__})", retryable=True
         ) from exc
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         raise UpstreamProtocolError(f"engine {endpoint_id} failed: {type(exc).__name__}") from exc

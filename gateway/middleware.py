@@ -16,7 +16,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import reset_request_id, set_request_id
-from gateway.errors import BodyTooLarge, GatewayError, Overloaded, error_body, error_headers
+from gateway.errors import BodyTooLarge, GatewayError, Overloaded, send_error
 
 log = logging.getLogger("switchyard.access")
 
@@ -44,34 +44,26 @@ class RequestIdMiddleware:
         text = incoming.decode("latin-1") if incoming else ""
         rid = text if _SAFE_ID.match(text) else f"req_{uuid.uuid4().hex}"
         raw = rid.encode()
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            # One wrapper: body messages (every streamed chunk) pass with one type check.
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [h for h in message.get("headers", []) if h[0] != b"x-request-id"]
                 headers.append((b"x-request-id", raw))
                 message["headers"] = headers
             await send(message)
 
-        started = False
-
-        async def send_tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send_with_id(message)
-
         token = set_request_id(rid)
         try:
-            await self.app(scope, receive, send_tracking)
+            await self.app(scope, receive, send_with_id)
         except Exception:
             # A bug, not a client error: answer 500 in the usual envelope, then let the
             # server log the traceback.
             if not started:
-                exc = GatewayError("internal gateway error")
-                await send_with_id(
-                    {"type": "http.response.start", "status": 500, "headers": error_headers(exc)}
-                )
-                await send_with_id({"type": "http.response.body", "body": error_body(exc)})
+                await send_error(send_with_id, GatewayError("internal gateway error"))
             raise
         finally:
             reset_request_id(token)
@@ -92,10 +84,7 @@ class BodySizeLimitMiddleware:
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             exc = BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
-            await send(
-                {"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)}
-            )
-            await send({"type": "http.response.body", "body": error_body(exc)})
+            await send_error(send, exc)
             return
         seen = 0
 
@@ -131,10 +120,7 @@ class ConcurrencyLimitMiddleware:
             return
         if self.active >= self.max_requests:
             exc = Overloaded(f"the gateway is at its limit of {self.max_requests} requests")
-            await send(
-                {"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)}
-            )
-            await send({"type": "http.response.body", "body": error_body(exc)})
+            await send_error(send, exc)
             return
         self.active += 1
         try:

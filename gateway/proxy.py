@@ -1,20 +1,25 @@
 """Forward one request to an engine and stream the answer back, byte for byte.
 
-The route handler parses and routes (errors there are ordinary exceptions); it then returns a
-:class:`ProxyResponse`, a raw ASGI app that:
+The route parses and routes (errors there are ordinary exceptions), then runs a
+:class:`ProxyResponse`, a raw ASGI app that races the :class:`Exchange` against the
+client's ``http.disconnect``: a disconnect cancels the exchange, which closes the upstream
+connection, so the engine aborts the request and frees its slot.
 
-* races the upstream exchange against the client's ``http.disconnect`` (a disconnect cancels
-  the upstream request and closes its connection, so the engine aborts and frees the slot);
-* walks ``decision.ranked`` and moves to the next engine only before the first byte reaches
-  the client: on connect errors, connection resets, and retryable 5xx statuses. The first
-  body chunk is read from the engine before the client sees any header, so an engine that
-  dies right after accepting is still retried;
-* forwards the original body bytes and streams upstream chunks with ``aiter_raw`` as they
-  arrive (no buffering); upstream 4xx and the last upstream 5xx pass through unchanged;
-* after headers are sent, a failure ends an SSE stream with one ``data: {"error": ...}``
-  event (non-SSE bodies are cut, so the client sees an incomplete response);
-* holds an in-flight lease on the engine for exactly the lifetime of the attempt, and reports
-  every finished request to metrics and :class:`RequestObserver` hooks.
+Three objects, after starlette's middleware responders and httpx's ``_send_*`` chain:
+
+* :class:`Proxy` -- one per app: the upstream client, the registry, metrics, settings;
+* :class:`Exchange` -- one per request: the plan, the client's ``send``, and what reached
+  the client so far (status, whether the head went out, SSE or not, the outcome). It walks
+  ``decision.ranked`` and moves to the next engine only before the first byte reaches the
+  client: on connect errors, connection resets, and retryable 5xx statuses. The first body
+  chunk is read before the client sees any header, so an engine that dies right after
+  accepting is still retried. After headers are sent, a failure ends an SSE stream with one
+  ``data: {"error": ...}`` event (non-SSE bodies are cut). Every request is accounted once:
+  metrics, :class:`~gateway.exchange.RouteHooks`, :class:`~gateway.exchange.RequestObserver`;
+* :class:`Attempt` -- one engine's try: its :class:`~gateway.endpoints.Lease` (in-flight
+  counters, released however the attempt ends), the upstream response, and the relay:
+  original bytes forwarded, chunks streamed as they arrive (no buffering, no per-chunk
+  parsing beyond counting SSE events), upstream 4xx and the last upstream 5xx passed through.
 """
 
 from __future__ import annotations
@@ -22,18 +27,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AsyncExitStack
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import aiohttp
 import anyio
-import httpx
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.context import current_request_id
-from gateway.endpoints import EndpointRegistry, EndpointState
+from gateway.endpoints import EndpointRegistry, EndpointState, Lease
 from gateway.errors import (
     GatewayError,
     NoHealthyEndpoint,
@@ -41,19 +43,17 @@ from gateway.errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
-    error_body,
-    error_headers,
     map_upstream_errors,
+    send_error,
     sse_error_event,
 )
+from gateway.exchange import FinishedRequest, ProxyPlan, RequestObserver
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
-from gateway.parsing import Kind, RequestFields
 from gateway.settings import ProxySettings
 from gateway.shutdown import InFlight
+from gateway.upstream import Upstream
 from gateway.usage import BODY_BYTES, TAIL_BYTES, extract_usage, stream_completed
-from routing import Decision, RouteRequest
-from routing.state import Ticket
 from routing.types import is_placement
 
 log = logging.getLogger(__name__)
@@ -62,75 +62,15 @@ _DROP_RESPONSE_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
      b"server", b"date", b"x-request-id"}
 )  # fmt: skip
-_FORWARD_REQUEST_HEADERS = ("content-type", "accept", "user-agent")
 CLIENT_CLOSED = 499
 _TOKEN_MARKERS = re.compile(rb'"(?:content|text)":\s*"[^"]')
 """An SSE chunk carrying generated text (not the empty role delta engines may send first)."""
+_KEEPALIVE = b": keep-alive\n\n"
 
 
 def carries_token(chunk: bytes) -> bool:
     """True if ``chunk`` holds generated text: the first such chunk ends the prefill."""
     return _TOKEN_MARKERS.search(chunk) is not None
-
-
-@dataclass(frozen=True, slots=True)
-class FinishedRequest:
-    """What the proxy knows when a request is over (for metrics scrapers, limits, policies)."""
-
-    request_id: str | None
-    endpoint_id: str | None
-    model: str
-    adapter: str | None
-    stream: bool
-    status: int
-    outcome: str  # ok | upstream_error | client_disconnect | gateway_error | gateway_shutdown
-    duration_s: float
-    ttft_s: float | None
-    prompt_tokens_estimate: int
-    usage: Mapping[str, Any] | None
-
-
-class RequestObserver(Protocol):
-    """Hook called once per proxied request, after its last byte (must not block)."""
-
-    def on_request_finished(self, record: FinishedRequest) -> None: ...
-
-
-class RouteHooks(Protocol):
-    """Per-request routing hooks (:class:`gateway.router.Routed`); must not block."""
-
-    def committed(self, endpoint_id: str, status: int) -> None:
-        """An engine's response head is being relayed to the client (no failover after)."""
-
-    def finished(self, record: FinishedRequest) -> None:
-        """The request is over, however it ended (called exactly once)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyPlan:
-    """Everything decided before the response starts."""
-
-    kind: Kind
-    body: bytes
-    headers: Mapping[str, str]
-    fields: RequestFields
-    route: RouteRequest
-    decision: Decision
-    started: float
-    model_label: str
-    route_header: str | None
-    hooks: RouteHooks | None = None
-
-
-@dataclass(slots=True)
-class _Outcome:
-    status: int = 0
-    started: bool = False
-    sse: bool = False
-    outcome: str = "ok"
-    endpoint_id: str | None = None
-    ttft_s: float | None = None
-    usage: Mapping[str, Any] | None = None
 
 
 class Proxy:
@@ -139,7 +79,7 @@ class Proxy:
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         endpoints: EndpointRegistry,
         health: HealthChecker,
         metrics: GatewayMetrics,
@@ -147,342 +87,338 @@ class Proxy:
         observers: Sequence[RequestObserver] = (),
         inflight: InFlight | None = None,
     ) -> None:
-        self._client = client
-        self._endpoints = endpoints
-        self._health = health
-        self._metrics = metrics
-        self._settings = settings
-        self._observers = tuple(observers)
-        self._inflight = inflight if inflight is not None else InFlight()
+        self.upstream = upstream
+        self.endpoints = endpoints
+        self.health = health
+        self.metrics = metrics
+        self.settings = settings
+        self.observers = tuple(observers)
+        self.inflight = inflight if inflight is not None else InFlight()
 
     def response(self, plan: ProxyPlan) -> ProxyResponse:
         return ProxyResponse(self, plan)
 
     async def serve(self, plan: ProxyPlan, send: Send) -> None:
         """Run the attempts and stream the answer; always accounts for the request."""
-        out = _Outcome()
+        await Exchange(self, plan, send).run()
+
+    def attempt_failed(self, state: EndpointState, exc: UpstreamError) -> None:
+        self.metrics.upstream_errors.labels(endpoint=state.id, kind=type(exc).__name__).inc()
+        if isinstance(exc, UpstreamUnavailable):
+            self.health.apply(state, ok=False, error=exc.message)
+        log.warning("engine %s failed: %s", state.id, exc.message)
+
+
+class Exchange:
+    """One proxied request: the attempts over the ranking and what reached the client."""
+
+    __slots__ = (
+        "endpoint_id",
+        "outcome",
+        "plan",
+        "proxy",
+        "send",
+        "sse",
+        "started",
+        "status",
+        "ttft_s",
+        "usage",
+    )
+
+    def __init__(self, proxy: Proxy, plan: ProxyPlan, send: Send) -> None:
+        self.proxy = proxy
+        self.plan = plan
+        self.send = send
+        self.status = 0
+        self.started = False  # the response head went out: no failover from here on
+        self.sse = False
+        self.outcome = "ok"
+        self.endpoint_id: str | None = None
+        self.ttft_s: float | None = None
+        self.usage: Mapping[str, Any] | None = None
+
+    async def run(self) -> None:
         try:
-            with self._inflight.track() as scope:
+            with self.proxy.inflight.track() as scope:
                 with scope:
-                    await self._guarded(plan, send, out)
+                    await self._guarded()
                 if scope.cancelled_caught:  # the gateway is shutting down
-                    await self._end_for_shutdown(send, out)
+                    await self._end_for_shutdown()
         except anyio.get_cancelled_exc_class():
-            out.status, out.outcome = CLIENT_CLOSED, "client_disconnect"
+            self.status, self.outcome = CLIENT_CLOSED, "client_disconnect"
             raise
         finally:
-            self._account(plan, out)
+            self._account()
 
-    async def _guarded(self, plan: ProxyPlan, send: Send, out: _Outcome) -> None:
+    async def _guarded(self) -> None:
         """The attempts under the whole-request deadline; gateway errors become envelopes."""
-        deadline = self._settings.total_timeout_s
+        deadline = self.proxy.settings.total_timeout_s
         try:
             try:
                 with anyio.fail_after(deadline):
-                    await self._attempts(plan, send, out)
+                    await self._attempts()
             except TimeoutError:
                 late = UpstreamTimeout(f"the request exceeded the gateway's {deadline:g}s deadline")
-                if not out.started:
+                if not self.started:
                     raise late from None
-                out.outcome = "upstream_error"
-                if out.sse:  # else: the body is cut and the client sees an incomplete response
-                    await send({"type": "http.response.body", "body": sse_error_event(late)})
+                self.outcome = "upstream_error"
+                if self.sse:  # else: the body is cut and the client sees an incomplete response
+                    await self.send({"type": "http.response.body", "body": sse_error_event(late)})
         except GatewayError as exc:  # nothing was sent yet
-            out.status, out.outcome = exc.status, "gateway_error"
-            await send({"type": "http.response.start", "status": exc.status,
-                        "headers": error_headers(exc)})  # fmt: skip
-            await send({"type": "http.response.body", "body": error_body(exc)})
+            self.status, self.outcome = exc.status, "gateway_error"
+            await send_error(self.send, exc)
 
-    async def _end_for_shutdown(self, send: Send, out: _Outcome) -> None:
-        exc = ShuttingDown("the gateway is shutting down; retry on another replica or later")
-        out.outcome = "gateway_shutdown"
-        if not out.started:
-            out.status = exc.status
-            await send({"type": "http.response.start", "status": exc.status,
-                        "headers": error_headers(exc)})  # fmt: skip
-            await send({"type": "http.response.body", "body": error_body(exc)})
-        elif out.sse:
-            await send({"type": "http.response.body", "body": sse_error_event(exc)})
-        # Non-SSE after the head: return without finishing; the server closes the connection.
-
-    async def _attempts(self, plan: ProxyPlan, send: Send, out: _Outcome) -> None:
-        ranked = plan.decision.ranked[: self._settings.max_attempts]
+    async def _attempts(self) -> None:
+        plan, proxy = self.plan, self.proxy
+        ranked = plan.decision.ranked[: proxy.settings.max_attempts]
         last_exc: GatewayError = NoHealthyEndpoint("no engine could take the request")
         placed = is_placement(plan.route, (s.id for s in plan.decision.ranked))
         for index, snap in enumerate(ranked):
-            state = self._endpoints.get(snap.id)
+            state = proxy.endpoints.get(snap.id)
             if state is None:  # removed since the decision
                 continue
             if index:
-                self._metrics.retries.labels(model=plan.model_label).inc()
-            is_last = index == len(ranked) - 1
-            async with AsyncExitStack() as stack:
-                ticket = stack.enter_context(
-                    self._endpoints.lease(
-                        state,
-                        prompt_tokens=plan.route.prompt_tokens,
-                        max_tokens=plan.route.max_tokens,
-                        cached_tokens=plan.route.prefix_blocks.get(state.id, 0)
-                        * plan.route.block_tokens,
-                        seq=plan.route.seq,
-                        placed=placed,
-                    )
-                )
+                proxy.metrics.retries.labels(model=plan.model_label).inc()
+            route = plan.route
+            lease = state.lease(
+                prompt_tokens=route.prompt_tokens,
+                max_tokens=route.max_tokens,
+                cached_tokens=route.prefix_blocks.get(state.id, 0) * route.block_tokens,
+                seq=route.seq,
+                placed=placed,
+            )
+            attempt = Attempt(self, lease)
+            with lease:
                 try:
-                    upstream, chunks = await self._open(plan, state, stack)
-                    if upstream.status_code in self._settings.retry_statuses and not is_last:
-                        self._metrics.upstream_errors.labels(
-                            endpoint=state.id, kind=f"http_{upstream.status_code}"
-                        ).inc()
-                        log.warning("engine %s answered %d; trying the next", state.id,
-                                    upstream.status_code)  # fmt: skip
-                        continue
-                    first = await self._first_chunk(plan, state, upstream, chunks, send, out)
+                    if not await attempt.open(last=index == len(ranked) - 1):
+                        continue  # a retryable status: the next engine
+                    first = await attempt.first_chunk()
                 except UpstreamError as exc:
-                    self._attempt_failed(state, exc)
-                    if out.started:  # committed by keep-alive comments: end the stream
-                        await self._end_stream(state, exc, send, out)
+                    attempt.close()
+                    proxy.attempt_failed(state, exc)
+                    if self.started:  # committed by keep-alive comments: end the stream
+                        await self.end_stream(state, exc)
                         return
                     last_exc = exc
-                    if exc.retryable and not is_last:
+                    if exc.retryable and index < len(ranked) - 1:
                         continue
                     raise
-                await self._relay(plan, state, ticket, upstream, chunks, first, send, out)
+                try:
+                    await attempt.relay(first)
+                finally:
+                    attempt.close()
                 return
         raise last_exc
 
-    async def _open(
-        self, plan: ProxyPlan, state: EndpointState, stack: AsyncExitStack
-    ) -> tuple[httpx.Response, AsyncIterator[bytes]]:
-        headers = (
-            {**plan.headers, **state.upstream_headers} if state.upstream_headers else plan.headers
+    async def start(self, attempt: Attempt) -> None:
+        """Send the response head (status and headers); from here on we cannot fail over."""
+        response, state = attempt.response, attempt.lease.state
+        assert response is not None
+        headers = [
+            (k.lower(), v)
+            for k, v in response.raw_headers
+            if k.lower() not in _DROP_RESPONSE_HEADERS
+        ]
+        if attempt.sse:
+            headers.append((b"x-accel-buffering", b"no"))
+        if self.plan.route_header is not None:
+            headers.append(
+                (b"x-switchyard-route", self.plan.route_header.encode("latin-1", "replace"))
+            )
+            headers.append((b"x-switchyard-endpoint", state.id.encode("latin-1", "replace")))
+        await self.send(
+            {"type": "http.response.start", "status": response.status, "headers": headers}
         )
-        request = self._client.build_request(
-            "POST", state.url + plan.kind.value, content=plan.body, headers=headers
-        )
-        with map_upstream_errors(state.id):
-            upstream = await self._client.send(request, stream=True)
-        stack.push_async_callback(_close_quietly, upstream)
-        return upstream, upstream.aiter_raw()
+        self.status, self.started, self.sse = response.status, True, attempt.sse
+        self.endpoint_id = state.id
+        if self.plan.hooks is not None:
+            self.plan.hooks.committed(state.id, response.status)
 
-    async def _first_chunk(
-        self,
-        plan: ProxyPlan,
-        state: EndpointState,
-        upstream: httpx.Response,
-        chunks: AsyncIterator[bytes],
-        send: Send,
-        out: _Outcome,
-    ) -> bytes:
-        """The first body chunk. A stream whose first token takes longer than
-        ``sse_keepalive_s`` is committed to this engine: its headers go out with SSE comments
-        (``: keep-alive``) every interval, so idle timeouts in front of us do not cut it."""
-        interval = self._settings.sse_keepalive_s
-        with map_upstream_errors(state.id):
-            if not (interval > 0 and upstream.status_code == 200 and _is_sse(upstream)):
-                return await _first_nonempty(chunks)
-            box: list[bytes | Exception] = []
-            done = anyio.Event()
-
-            async def read() -> None:
-                try:
-                    box.append(await _first_nonempty(chunks))
-                except Exception as exc:  # re-raised below, in this task
-                    box.append(exc)
-                finally:
-                    done.set()
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(read)
-                while not done.is_set():
-                    with anyio.move_on_after(interval):
-                        await done.wait()
-                    if done.is_set():
-                        break
-                    if not out.started:
-                        out.endpoint_id = state.id
-                        await self._start(plan, state, upstream, send, out)
-                    await send({"type": "http.response.body", "body": b": keep-alive\n\n",
-                                "more_body": True})  # fmt: skip
-            if isinstance(box[0], Exception):
-                raise box[0]
-            return box[0]
-
-    def _attempt_failed(self, state: EndpointState, exc: UpstreamError) -> None:
-        self._metrics.upstream_errors.labels(endpoint=state.id, kind=type(exc).__name__).inc()
-        if isinstance(exc, UpstreamUnavailable):
-            self._health.apply(state, ok=False, error=exc.message)
-        log.warning("engine %s failed: %s", state.id, exc.message)
-
-    async def _end_stream(
-        self, state: EndpointState, exc: GatewayError, send: Send, out: _Outcome
-    ) -> None:
-        """A started SSE response failed: one final error event, no ``[DONE]``."""
-        self._metrics.stream_errors.labels(endpoint=state.id).inc()
-        out.outcome = "upstream_error"
-        if out.sse:
-            await send({"type": "http.response.body", "body": sse_error_event(exc)})
+    async def end_stream(self, state: EndpointState, exc: GatewayError) -> None:
+        """A started response failed: one final SSE error event, no ``[DONE]``."""
+        self.proxy.metrics.stream_errors.labels(endpoint=state.id).inc()
+        self.outcome = "upstream_error"
+        if self.sse:
+            await self.send({"type": "http.response.body", "body": sse_error_event(exc)})
         # Non-SSE: return without finishing; the server closes the connection.
 
-    async def _start(
-        self,
-        plan: ProxyPlan,
-        state: EndpointState,
-        upstream: httpx.Response,
-        send: Send,
-        out: _Outcome,
-    ) -> None:
-        """Send the response head (status and headers); from here on we cannot fail over."""
-        sse = _is_sse(upstream)
-        headers = _response_headers(plan, state, upstream, sse=sse)
-        await send({"type": "http.response.start", "status": upstream.status_code,
-                    "headers": headers})  # fmt: skip
-        out.status, out.started, out.sse = upstream.status_code, True, sse
-        if plan.hooks is not None:
-            plan.hooks.committed(state.id, upstream.status_code)
+    async def _end_for_shutdown(self) -> None:
+        exc = ShuttingDown("the gateway is shutting down; retry on another replica or later")
+        self.outcome = "gateway_shutdown"
+        if not self.started:
+            self.status = exc.status
+            await send_error(self.send, exc)
+        elif self.sse:
+            await self.send({"type": "http.response.body", "body": sse_error_event(exc)})
+        # Non-SSE after the head: return without finishing; the server closes the connection.
 
-    async def _relay(
-        self,
-        plan: ProxyPlan,
-        state: EndpointState,
-        ticket: Ticket,
-        upstream: httpx.Response,
-        chunks: AsyncIterator[bytes],
-        first: bytes,
-        send: Send,
-        out: _Outcome,
-    ) -> None:
-        """Commit to this engine: head, then every chunk as it comes, then accounting."""
-        out.endpoint_id = state.id
-        sse = _is_sse(upstream)
-        if sse and carries_token(first):
-            # vLLM and enginesim may send an empty role delta before any token: the prefill
-            # (queued work the prefix-cache cost model counts) ends with the first text.
-            out.ttft_s = time.perf_counter() - plan.started
-            state.engine.first_token(ticket, ttft_s=out.ttft_s)
-        if not out.started:
-            await self._start(plan, state, upstream, send, out)
-        if first:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-        try:
-            kept = await self._pump(
-                state, ticket, chunks, send, first=first, sse=sse, plan=plan, out=out
-            )
-        except UpstreamError as exc:
-            self._attempt_failed(state, exc)
-            await self._end_stream(state, exc, send, out)
-            return
-        if sse and upstream.status_code == 200 and not stream_completed(kept):
-            cut = UpstreamError(f"engine {state.id} ended the stream without [DONE]")
-            await self._end_stream(state, cut, send, out)
-            return
-        await send({"type": "http.response.body", "body": b""})
-        if upstream.status_code == 200 and (sse or len(kept) <= BODY_BYTES):
-            out.usage = extract_usage(kept, sse=sse)
-            completion = (out.usage or {}).get("completion_tokens")
-            if not sse and isinstance(completion, int):
-                state.engine.tokens(ticket, n=completion)
-
-    async def _pump(
-        self,
-        state: EndpointState,
-        ticket: Ticket,
-        chunks: AsyncIterator[bytes],
-        send: Send,
-        *,
-        first: bytes,
-        sse: bool,
-        plan: ProxyPlan,
-        out: _Outcome,
-    ) -> bytes:
-        """Forward the remaining chunks unchanged; returns the bounded tail (SSE) or body."""
-        keep = bytearray(first)
-        limit = TAIL_BYTES if sse else BODY_BYTES
-        last = time.perf_counter()
-        with map_upstream_errors(state.id):
-            async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if sse:
-                    now = time.perf_counter()
-                    if not ticket.started and carries_token(chunk):
-                        out.ttft_s = now - plan.started
-                        state.engine.first_token(ticket, ttft_s=out.ttft_s)
-                    state.engine.tokens(ticket, n=chunk.count(b"data: {"), itl_s=now - last)
-                    last = now
-                    keep += chunk
-                    if len(keep) > limit:
-                        del keep[: len(keep) - limit]
-                elif len(keep) <= limit:
-                    keep += chunk
-        return bytes(keep)
-
-    def _account(self, plan: ProxyPlan, out: _Outcome) -> None:
+    def _account(self) -> None:
+        plan, metrics = self.plan, self.proxy.metrics
         duration = time.perf_counter() - plan.started
-        endpoint = out.endpoint_id or "none"
-        labels = {"model": plan.model_label, "endpoint": endpoint}
-        self._metrics.requests.labels(**labels, status=str(out.status)).inc()
-        self._metrics.latency.labels(**labels).observe(duration)
-        if out.ttft_s is not None:
-            self._metrics.ttft.labels(**labels).observe(out.ttft_s)
-        if out.outcome == "ok" and out.status >= 500:
-            out.outcome = "upstream_error"
+        endpoint = self.endpoint_id or "none"
+        metrics.requests.labels(plan.model_label, endpoint, str(self.status)).inc()
+        metrics.latency.labels(plan.model_label, endpoint).observe(duration)
+        if self.ttft_s is not None:
+            metrics.ttft.labels(plan.model_label, endpoint).observe(self.ttft_s)
+        if self.outcome == "ok" and self.status >= 500:
+            self.outcome = "upstream_error"
         record = FinishedRequest(
             request_id=current_request_id(),
-            endpoint_id=out.endpoint_id,
+            endpoint_id=self.endpoint_id,
             model=plan.route.model,
             adapter=plan.route.adapter,
             stream=plan.fields.stream,
-            status=out.status,
-            outcome=out.outcome,
+            status=self.status,
+            outcome=self.outcome,
             duration_s=duration,
-            ttft_s=out.ttft_s,
+            ttft_s=self.ttft_s,
             prompt_tokens_estimate=plan.route.prompt_tokens,
-            usage=out.usage,
+            usage=self.usage,
         )
-        hooks = (plan.hooks,) if plan.hooks is not None else ()
-        for hook in hooks:
+        if plan.hooks is not None:
             try:
-                hook.finished(record)
+                plan.hooks.finished(record)
             except Exception:
                 log.exception("routing hook failed")
-        for observer in self._observers:
+        for observer in self.proxy.observers:
             try:
                 observer.on_request_finished(record)
             except Exception:
                 log.exception("request observer %r failed", observer)
 
 
-def _is_sse(response: httpx.Response) -> bool:
-    content_type: str = response.headers.get("content-type", "")
-    return content_type.startswith("text/event-stream")
+class Attempt:
+    """One engine's try at the request: its lease, the upstream response, the relay."""
+
+    __slots__ = ("complete", "exchange", "lease", "response", "sse")
+
+    def __init__(self, exchange: Exchange, lease: Lease) -> None:
+        self.exchange = exchange
+        self.lease = lease
+        self.response: aiohttp.ClientResponse | None = None
+        self.sse = False
+        self.complete = False  # the whole upstream body was read: the connection is reusable
+
+    async def open(self, *, last: bool) -> bool:
+        """Send the request; False when the engine answered a retryable status and another
+        engine is left to try (the response is dropped)."""
+        plan, state = self.exchange.plan, self.lease.state
+        proxy = self.exchange.proxy
+        headers = (
+            {**plan.headers, **state.upstream_headers} if state.upstream_headers else plan.headers
+        )
+        with map_upstream_errors(state.id):
+            self.response = await proxy.upstream.post(
+                state.url + plan.kind.value, plan.body, headers
+            )
+        status = self.response.status
+        self.sse = self.response.headers.get("content-type", "").startswith("text/event-stream")
+        if status in proxy.settings.retry_statuses and not last:
+            proxy.metrics.upstream_errors.labels(endpoint=state.id, kind=f"http_{status}").inc()
+            log.warning("engine %s answered %d; trying the next", state.id, status)
+            self.close()
+            return False
+        return True
+
+    async def first_chunk(self) -> bytes:
+        """The first body chunk. A stream whose first token takes longer than
+        ``sse_keepalive_s`` is committed to this engine: its head goes out, then an SSE
+        comment (``: keep-alive``) every interval, so idle timeouts in front of us do not cut
+        it. (aiohttp's ``readany`` may be cancelled without losing data.)"""
+        response, exchange = self.response, self.exchange
+        assert response is not None
+        interval = exchange.proxy.settings.sse_keepalive_s
+        with map_upstream_errors(self.lease.state.id):
+            if not (interval > 0 and self.sse and response.status == 200):
+                return await response.content.readany()
+            while True:
+                with anyio.move_on_after(interval):
+                    return await response.content.readany()
+                # Still no first chunk after ``interval``: commit and keep the client waiting.
+                if not exchange.started:
+                    await exchange.start(self)
+                await exchange.send({"type": "http.response.body", "body": _KEEPALIVE,
+                                     "more_body": True})  # fmt: skip
+
+    async def relay(self, first: bytes) -> None:
+        """Commit to this engine: head, then every chunk as it comes, then accounting."""
+        exchange, lease = self.exchange, self.lease
+        response = self.response
+        assert response is not None
+        if self.sse and carries_token(first):
+            # vLLM and enginesim may send an empty role delta before any token: the prefill
+            # (queued work the prefix-cache cost model counts) ends with the first text.
+            exchange.ttft_s = time.perf_counter() - exchange.plan.started
+            lease.first_token(ttft_s=exchange.ttft_s)
+        if not exchange.started:
+            await exchange.start(self)
+        if first:
+            await exchange.send({"type": "http.response.body", "body": first, "more_body": True})
+        try:
+            with map_upstream_errors(lease.state.id):
+                kept = await self._pump(first)
+        except UpstreamError as exc:
+            exchange.proxy.attempt_failed(lease.state, exc)
+            await exchange.end_stream(lease.state, exc)
+            return
+        self.complete = True
+        ok = response.status == 200
+        if self.sse and ok and not stream_completed(kept):
+            cut = UpstreamError(f"engine {lease.state.id} ended the stream without [DONE]")
+            await exchange.end_stream(lease.state, cut)
+            return
+        await exchange.send({"type": "http.response.body", "body": b""})
+        if ok and (self.sse or len(kept) <= BODY_BYTES):
+            exchange.usage = extract_usage(kept, sse=self.sse)
+            completion = (exchange.usage or {}).get("completion_tokens")
+            if not self.sse and isinstance(completion, int):
+                lease.tokens(n=completion)
+
+    async def _pump(self, first: bytes) -> bytes:
+        """Forward the remaining chunks unchanged; returns the bounded tail (SSE) or body."""
+        response, exchange, lease = self.response, self.exchange, self.lease
+        assert response is not None
+        send, read = exchange.send, response.content.readany
+        keep = bytearray(first)
+        if not self.sse:
+            while chunk := await read():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if len(keep) <= BODY_BYTES:
+                    keep += chunk
+            return bytes(keep)
+        started = exchange.plan.started
+        last = time.perf_counter()
+        while chunk := await read():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            now = time.perf_counter()
+            if not lease.first_token_seen and carries_token(chunk):
+                exchange.ttft_s = now - started
+                lease.first_token(ttft_s=exchange.ttft_s)
+            lease.tokens(n=chunk.count(b"data: {"), itl_s=now - last)
+            last = now
+            keep += chunk
+            if len(keep) > TAIL_BYTES:
+                del keep[: len(keep) - TAIL_BYTES]
+        return bytes(keep)
+
+    def close(self) -> None:
+        """Return the connection to the pool if its body was read whole, else drop it (the
+        engine sees the disconnect and aborts). Synchronous, so a cancelled attempt closes too."""
+        response, self.response = self.response, None
+        if response is None:
+            return
+        if self.complete:
+            response.release()
+        else:
+            response.close()
 
 
-async def _first_nonempty(chunks: AsyncIterator[bytes]) -> bytes:
-    async for chunk in chunks:
-        if chunk:
-            return chunk
-    return b""
+class ProxyResponse:
+    """A raw ASGI app running one :class:`Exchange`, cancelled by ``http.disconnect``."""
 
-
-def _response_headers(
-    plan: ProxyPlan, state: EndpointState, upstream: httpx.Response, *, sse: bool
-) -> list[tuple[bytes, bytes]]:
-    """The engine's headers minus hop-by-hop ones, plus ours (debug route, no buffering)."""
-    drop = _DROP_RESPONSE_HEADERS
-    headers = [(k.lower(), v) for k, v in upstream.headers.raw if k.lower() not in drop]
-    if sse:
-        headers.append((b"x-accel-buffering", b"no"))
-    if plan.route_header is not None:
-        headers.append((b"x-switchyard-route", plan.route_header.encode("latin-1", "replace")))
-        headers.append((b"x-switchyard-endpoint", state.id.encode("latin-1", "replace")))
-    return headers
-
-
-class ProxyResponse(Response):
-    """A raw ASGI response running :meth:`Proxy.serve`, cancelled by ``http.disconnect``."""
+    __slots__ = ("_plan", "_proxy")
 
     def __init__(self, proxy: Proxy, plan: ProxyPlan) -> None:
-        super().__init__()
         self._proxy = proxy
         self._plan = plan
 
@@ -499,10 +435,3 @@ class ProxyResponse(Response):
             tg.start_soon(watch_disconnect)
             await self._proxy.serve(self._plan, send)
             tg.cancel_scope.cancel()
-
-
-async def _close_quietly(response: httpx.Response) -> None:
-    # Shielded: closing must finish even when the request was cancelled by a disconnect,
-    # so the connection is dropped (engine aborts) or returned to the pool.
-    with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-        await response.aclose()

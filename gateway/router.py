@@ -30,10 +30,10 @@ from prometheus_client.registry import Collector
 
 from gateway.endpoints import EndpointRegistry
 from gateway.errors import InvalidField, NoHealthyEndpoint
+from gateway.exchange import FinishedRequest
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import Kind, RequestFields
 from gateway.prefix import Blocks, PromptHasher
-from gateway.proxy import FinishedRequest
 from gateway.settings import Settings
 from kvcache import EndpointFeed, PrefixIndex
 from routing import (

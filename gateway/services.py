@@ -1,9 +1,11 @@
 """The Services container: everything with a lifetime, opened by the app's lifespan.
 
-One ``httpx.AsyncClient`` (explicit timeouts and pool limits, ``TCP_NODELAY``), the endpoint
-registry, the router (policies, prefix index, VTC counters), the app-owned metrics registry, the
-health checker, the metrics scraper, the KV-event consumers, the proxy and the supervised
-background tasks. Tests build their own and pass it to ``create_app``.
+The request path's :class:`gateway.upstream.Upstream` (aiohttp, chosen by measurement), one
+``httpx.AsyncClient`` for the control plane (health probes and metric scrapes: explicit
+timeouts and pool limits, ``TCP_NODELAY``), the endpoint registry, the router (policies,
+prefix index, VTC counters), the app-owned metrics registry, the health checker, the
+metrics scraper, the KV-event consumers, the proxy and the supervised background tasks.
+Tests build their own and pass it to ``create_app``.
 
 Example::
 
@@ -23,19 +25,23 @@ import anyio
 import httpx
 
 from gateway.endpoints import EndpointRegistry, EndpointState
+from gateway.exchange import RequestObserver
 from gateway.health import HealthChecker
 from gateway.kvevents import KVEventConsumers
 from gateway.metrics import GatewayMetrics
-from gateway.proxy import Proxy, RequestObserver
+from gateway.proxy import Proxy
 from gateway.router import Router, RoutingCollector
 from gateway.scraper import MetricsScraper
 from gateway.settings import EngineConfig, ProxySettings, Settings
 from gateway.shutdown import InFlight
 from gateway.tasks import supervise
+from gateway.upstream import Upstream
 
 
 def make_client(settings: ProxySettings) -> httpx.AsyncClient:
-    """The one upstream client: bounded pool, explicit timeouts, TCP_NODELAY on every socket."""
+    """The control-plane client (probes, scrapes): bounded pool, explicit timeouts,
+    TCP_NODELAY on every socket. A few requests per second per engine, so httpx's per-request
+    pool scan (the reason the request path uses aiohttp) does not matter here."""
     transport = httpx.AsyncHTTPTransport(
         limits=httpx.Limits(
             max_connections=settings.max_connections,
@@ -62,6 +68,7 @@ def make_client(settings: ProxySettings) -> httpx.AsyncClient:
 class Services:
     settings: Settings
     client: httpx.AsyncClient
+    upstream: Upstream
     endpoints: EndpointRegistry
     router: Router
     metrics: GatewayMetrics
@@ -90,8 +97,9 @@ class Services:
         health = HealthChecker(
             client=client, endpoints=endpoints, settings=settings.health, metrics=metrics
         )
+        upstream = Upstream(settings.proxy)
         proxy = Proxy(
-            client=client,
+            upstream=upstream,
             endpoints=endpoints,
             health=health,
             metrics=metrics,
@@ -102,6 +110,7 @@ class Services:
         return cls(
             settings=settings,
             client=client,
+            upstream=upstream,
             endpoints=endpoints,
             router=router,
             metrics=metrics,
@@ -137,6 +146,7 @@ class Services:
                     yield services
                 finally:
                     tg.cancel_scope.cancel()
+                    await services.upstream.aclose()
 
 
 def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> EndpointState:

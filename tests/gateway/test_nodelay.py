@@ -10,10 +10,11 @@ from __future__ import annotations
 import socket
 
 import httpx
+import orjson
 import pytest
 
-from gateway.services import make_client
 from gateway.settings import ProxySettings
+from gateway.upstream import Upstream
 from tests.gateway.conftest import StartEngines, StartGateway
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -40,10 +41,17 @@ def test_gateway_sets_nodelay_on_accepted_connections(
 @pytest.mark.anyio
 async def test_upstream_client_sets_nodelay(start_engines: StartEngines) -> None:
     ((_, srv),) = start_engines(1)
-    async with make_client(ProxySettings()) as client:
-        resp = await client.post(f"{srv.url}/v1/chat/completions", json=CHAT)
-        assert resp.status_code == 200
-        pool = client._transport._pool  # type: ignore[attr-defined]
-        streams = [conn._connection._network_stream for conn in pool.connections]
-        assert streams
-        assert all(_nodelay(s.get_extra_info("socket")) for s in streams)
+    upstream = Upstream(ProxySettings())
+    try:
+        resp = await upstream.post(
+            f"{srv.url}/v1/chat/completions",
+            orjson.dumps({**CHAT, "max_tokens": 2, "fake": {"itl": 0.2}}),  # still streaming
+            {"content-type": "application/json"},
+        )
+        sock = resp.connection.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert _nodelay(sock)
+        assert resp.status == 200
+        await resp.read()
+        resp.release()
+    finally:
+        await upstream.aclose()

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from enginesim.core.tokenizer import chat_prompt
 from gateway.endpoints import EndpointRegistry, ModelCard
 from gateway.errors import InvalidField
+from gateway.exchange import FinishedRequest
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import Kind, parse_request
 from gateway.prefix import PromptHasher, chatml
-from gateway.proxy import FinishedRequest
 from gateway.router import Router
 from gateway.settings import PrefixSettings, Settings
 from kvcache import hash_token_blocks

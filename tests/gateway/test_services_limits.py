@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import httpx
 
 from gateway.app import create_app
-from gateway.proxy import FinishedRequest
+from gateway.exchange import FinishedRequest
 from gateway.services import Services, make_client
 from tests.gateway.conftest import StartEngines, StartGateway, gateway_settings
 from tests.gateway.servers import ServerThread, wait_until

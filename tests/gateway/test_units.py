@@ -1,8 +1,10 @@
-"""Unit tables: health thresholds, the model catalog, and the one httpx -> error mapping."""
+"""Unit tables: health thresholds, the model catalog, the one upstream error mapping."""
 
 from __future__ import annotations
 
-import httpx
+from types import SimpleNamespace
+
+import aiohttp
 import pytest
 
 from gateway.endpoints import EndpointRegistry, Health, ModelCard
@@ -48,26 +50,32 @@ def test_catalog_and_leases() -> None:
     assert not catalog["static"].healthy  # listed only by an unhealthy engine
     with pytest.raises(KeyError):
         registry.add("http://b:1", endpoint_id="b")
-    with pytest.raises(RuntimeError), registry.lease(a, prompt_tokens=10):
+    with pytest.raises(RuntimeError), a.lease(prompt_tokens=10):
         assert a.in_flight == 1
         raise RuntimeError("boom")
     assert a.in_flight == 0  # released on error too
     assert registry.next_seq() < registry.next_seq()
 
 
+def _connector_error(os_error: OSError) -> aiohttp.ClientConnectorError:
+    key = SimpleNamespace(host="127.0.0.1", port=1, ssl=False)
+    return aiohttp.ClientConnectorError(key, os_error)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("raised", "expected", "retryable"),
     [
-        (httpx.ConnectError("refused"), UpstreamUnavailable, True),
-        (httpx.ConnectTimeout("slow"), UpstreamTimeout, True),
-        (httpx.PoolTimeout("full"), UpstreamTimeout, True),
-        (httpx.ReadTimeout("stalled"), UpstreamTimeout, False),
-        (httpx.RemoteProtocolError("cut"), UpstreamUnavailable, True),
-        (httpx.ReadError("reset"), UpstreamUnavailable, True),
-        (httpx.TooManyRedirects("loop"), UpstreamProtocolError, False),
+        (_connector_error(ConnectionRefusedError(111, "refused")), UpstreamUnavailable, True),
+        (aiohttp.ConnectionTimeoutError("slow"), UpstreamTimeout, True),
+        (aiohttp.SocketTimeoutError("stalled"), UpstreamTimeout, False),
+        (TimeoutError(), UpstreamTimeout, False),  # aiohttp's total timeout
+        (aiohttp.ServerDisconnectedError(), UpstreamUnavailable, True),
+        (aiohttp.ClientOSError(104, "reset"), UpstreamUnavailable, True),
+        (aiohttp.ClientPayloadError("cut"), UpstreamUnavailable, True),
+        (aiohttp.InvalidURL("x"), UpstreamProtocolError, False),
     ],
 )
-def test_httpx_errors_map_once(
+def test_upstream_errors_map_once(
     raised: Exception, expected: type[UpstreamError], retryable: bool
 ) -> None:
     with pytest.raises(expected) as info, map_upstream_errors("e1"):

@@ -1,0 +1,72 @@
+"""The types one proxied request carries between the route, the router and the proxy.
+
+A leaf module (it imports only :mod:`gateway.parsing` and :mod:`routing`), so that the router
+can name what the proxy reports (:class:`FinishedRequest`) without importing the proxy, and
+the proxy can take a plan (:class:`ProxyPlan`) without importing the router.
+
+Example::
+
+    plan = ProxyPlan(kind=Kind.CHAT, body=b"{...}", headers={}, fields=fields, route=route,
+                     decision=decision, started=time.perf_counter(), model_label="m",
+                     route_header=None)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.parsing import Kind, RequestFields
+from routing import Decision, RouteRequest
+
+__all__ = ["FinishedRequest", "ProxyPlan", "RequestObserver", "RouteHooks"]
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRequest:
+    """What the proxy knows when a request is over (for metrics scrapers, limits, policies)."""
+
+    request_id: str | None
+    endpoint_id: str | None
+    model: str
+    adapter: str | None
+    stream: bool
+    status: int
+    outcome: str  # ok | upstream_error | client_disconnect | gateway_error | gateway_shutdown
+    duration_s: float
+    ttft_s: float | None
+    prompt_tokens_estimate: int
+    usage: Mapping[str, Any] | None
+
+
+class RequestObserver(Protocol):
+    """Hook called once per proxied request, after its last byte (must not block)."""
+
+    def on_request_finished(self, record: FinishedRequest) -> None: ...
+
+
+class RouteHooks(Protocol):
+    """Per-request routing hooks (:class:`gateway.router.Routed`); must not block."""
+
+    def committed(self, endpoint_id: str, status: int) -> None:
+        """An engine's response head is being relayed to the client (no failover after)."""
+
+    def finished(self, record: FinishedRequest) -> None:
+        """The request is over, however it ended (called exactly once)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPlan:
+    """Everything decided before the response starts."""
+
+    kind: Kind
+    body: bytes
+    headers: Mapping[str, str]
+    fields: RequestFields
+    route: RouteRequest
+    decision: Decision
+    started: float
+    model_label: str
+    route_header: str | None
+    hooks: RouteHooks | None = None

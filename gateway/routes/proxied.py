@@ -1,0 +1,142 @@
+"""The proxied OpenAI routes (chat, completions, embeddings) as raw ASGI, in front of FastAPI.
+
+A proxied request needs none of what FastAPI adds per request (a ``Request`` object, route
+matching over every route, dependency solving, exception middleware): this app matches the
+three paths by a dict lookup, reads the raw body, parses only the routing fields, resolves
+the model (a LoRA adapter routes as ``adapter`` of its base model), asks
+:class:`gateway.router.Router` for a ranking and runs the proxy's ASGI response on the
+original bytes. Everything else goes to the FastAPI app unchanged. Errors before the proxy
+starts are OpenAI envelopes (:func:`gateway.errors.send_error`).
+
+Example::
+
+    app = ProxiedRoutes(fastapi_app)     # what create_app puts under the middleware
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.context import current_request_id
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    ModelNotFound,
+    NoHealthyEndpoint,
+    send_error,
+)
+from gateway.exchange import ProxyPlan
+from gateway.parsing import Kind, parse_request
+from gateway.router import ROUTING_HEADER
+from gateway.routes.openai import check_key
+from gateway.services import Services
+
+PROXIED_PATHS: dict[str, Kind] = {kind.value: kind for kind in Kind}
+_FORWARDED = (b"accept", b"user-agent")
+
+
+class ProxiedRoutes:
+    """``POST`` on a :data:`PROXIED_PATHS` path is proxied here; the rest goes to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = PROXIED_PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if kind is None:
+            await self.app(scope, receive, send)
+        elif scope["method"] != "POST":
+            await send_error(send, MethodNotAllowed(f"{scope['method']} is not allowed here"))
+        else:
+            await proxy_request(scope, receive, send, kind)
+
+
+async def proxy_request(scope: Scope, receive: Receive, send: Send, kind: Kind) -> None:
+    started = time.perf_counter()
+    services: Services = scope["state"]["services"]
+    headers = {bytes(k): bytes(v) for k, v in scope["headers"]}
+    try:
+        check_key(services, _text(headers.get(b"authorization")))
+        body = await _read_body(receive)
+        if body is None:
+            return  # the client left while sending its body: nobody will read an answer
+        plan = await _plan(services, headers, body, kind, started)
+    except GatewayError as exc:
+        await send_error(send, exc)
+        return
+    await services.proxy.response(plan)(scope, receive, send)
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _plan(
+    services: Services, headers: dict[bytes, bytes], body: bytes, kind: Kind, started: float
+) -> ProxyPlan:
+    fields = parse_request(body, kind)
+    model, adapter, listed = _resolve_model(services, fields.model)
+    routing = services.settings.routing
+    policy = services.router.policy(_text(headers.get(ROUTING_HEADER.encode())))
+    routed = await services.router.route(
+        kind,
+        fields,
+        model=model,
+        adapter=adapter,
+        policy=policy,
+        session_key=_text(headers.get(routing.session_header.encode())),
+        explain=routing.debug_header,
+    )
+    return ProxyPlan(
+        kind=kind,
+        body=body,
+        headers=_forward_headers(headers),
+        fields=fields,
+        route=routed.route,
+        decision=routed.decision,
+        started=started,
+        model_label=fields.model if listed else "other",
+        route_header=routed.explain() if routing.debug_header else None,
+        hooks=routed,
+    )
+
+
+def _resolve_model(services: Services, model: str) -> tuple[str, str | None, bool]:
+    """(base model, adapter or None, listed by an engine); raises 404/503 if nobody can serve."""
+    endpoints = services.endpoints
+    entry = endpoints.catalog().get(model)
+    if entry is not None:
+        if entry.card.parent:
+            return entry.card.parent, model, True
+        return model, None, True
+    healthy = [state for state in endpoints if state.healthy]
+    if not healthy:
+        raise NoHealthyEndpoint("no healthy engine is available; try again shortly")
+    if any(not state.models for state in healthy):
+        return model, None, False  # an engine with an unknown model list may serve it
+    raise ModelNotFound(model)
+
+
+def _forward_headers(headers: dict[bytes, bytes]) -> dict[str, str]:
+    out = {"content-type": "application/json"}
+    for name in _FORWARDED:
+        value = headers.get(name)
+        if value:
+            out[name.decode()] = value.decode("latin-1")
+    rid = current_request_id()
+    if rid:
+        out["x-request-id"] = rid
+    return out
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
