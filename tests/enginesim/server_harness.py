@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from enginesim.cluster import ClusterConfig, CodecFactory, RunningEngine, serve_cluster
 
+MODEL = "smollm2"  # the served name every server test uses
 START_TIMEOUT_S = 30.0
 
 

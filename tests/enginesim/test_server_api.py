@@ -16,24 +16,15 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from enginesim.cluster import ClusterConfig, RunningEngine
-from tests.enginesim.server_harness import running_cluster
+from enginesim.cluster import RunningEngine
+from tests.enginesim.server_harness import MODEL
 
-MODEL = "smollm2"
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[RunningEngine]:
-    cfg = ClusterConfig(engines=1, base_port=0, speed=50.0, model=MODEL, seed=7)
-    with running_cluster(cfg) as engines:
-        yield engines[0]
-
-
-@pytest.fixture
-def http(engine: RunningEngine) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=engine.url, timeout=30.0) as client:
-        yield client
+def engine_seed() -> int:
+    return 7
 
 
 @pytest.fixture

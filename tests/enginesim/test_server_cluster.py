@@ -19,12 +19,12 @@ import pytest
 from benchmarks.ports import free_port_block
 from enginesim.cluster import ClusterConfig, serve_cluster
 from tests.enginesim.server_harness import (
+    MODEL,
     metric_families,
     running_cluster,
     sample_value,
 )
 
-MODEL = "smollm2"
 REPO = Path(__file__).resolve().parents[2]
 
 

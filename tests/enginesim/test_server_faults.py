@@ -13,12 +13,12 @@ from enginesim.cluster import ClusterConfig, RunningEngine
 from enginesim.core.profile import load_profile
 from enginesim.server.faults import Faults
 from tests.enginesim.server_harness import (
+    MODEL,
     metric_families,
     running_cluster,
     sample_value,
 )
 
-MODEL = "smollm2"
 POLL_S = 20.0
 
 
@@ -32,17 +32,14 @@ def _poll(check: Callable[[], bool], *, timeout_s: float = POLL_S) -> bool:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[RunningEngine]:
-    cfg = ClusterConfig(engines=1, base_port=0, speed=50.0, model=MODEL, seed=3)
-    with running_cluster(cfg) as engines:
-        yield engines[0]
+def engine_seed() -> int:
+    return 3
 
 
 @pytest.fixture
-def http(engine: RunningEngine) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=engine.url, timeout=30.0) as client:
-        yield client
-        client.post("/admin/faults", json={"clear": True})
+def http(http: httpx.Client) -> Iterator[httpx.Client]:
+    yield http
+    http.post("/admin/faults", json={"clear": True})
 
 
 def _running(http: httpx.Client) -> float:

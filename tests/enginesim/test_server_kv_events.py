@@ -13,9 +13,7 @@ from enginesim.cluster import ClusterConfig
 from enginesim.core.api import KVEvent
 from enginesim.server.kv_events import encode_batch
 from kvcache.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_kv_event_message
-from tests.enginesim.server_harness import running_cluster
-
-MODEL = "smollm2"
+from tests.enginesim.server_harness import MODEL, running_cluster
 
 
 def _receive_all(sub: zmq.Socket[bytes], *, until: float) -> list[list[bytes]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,16 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from enginesim.cluster import ClusterConfig, RunningEngine
 from enginesim.core.api import SimRequest
 from enginesim.core.engine import EngineCore
 from enginesim.core.profile import load_profile
 from routing import WANTED_SERIES, parse_vllm_metrics
 from tests.enginesim.server_harness import (
+    MODEL,
     metric_families,
-    running_cluster,
     sample_value,
 )
 
-MODEL = "smollm2"
 STD = {"model_name", "engine"}
 
 EXPECTED: dict[str, tuple[str, set[str]]] = {
@@ -52,19 +49,6 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
 }
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[RunningEngine]:
-    cfg = ClusterConfig(engines=1, base_port=0, speed=50.0, model=MODEL)
-    with running_cluster(cfg) as engines:
-        yield engines[0]
-
-
-@pytest.fixture
-def http(engine: RunningEngine) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=engine.url, timeout=30.0) as client:
-        yield client
 
 
 def _complete(http: httpx.Client, **body: object) -> dict[str, object]:
