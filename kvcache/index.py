@@ -89,17 +89,8 @@ class PrefixIndex:
     def insert(self, endpoint: str, hashes: Sequence[int]) -> None:
         """Record that ``endpoint`` was sent a prompt with these chained block hashes."""
         now = self._clock()
-        approx = self._approx
-        for h in reversed(hashes):  # head ends up most recent: tails are evicted first
-            holders = approx.get(h)
-            if holders is None:
-                approx[h] = {endpoint: now}
-                self._approx_pairs += 1
-                continue
-            if endpoint not in holders:
-                self._approx_pairs += 1
-            holders[endpoint] = now
-            approx.move_to_end(h)
+        # Head ends up most recent: tails are evicted first.
+        self._approx_pairs += _record(self._approx, endpoint, reversed(hashes), now)
         self._expire(now)
         self._enforce_budget()
 
@@ -116,18 +107,7 @@ class PrefixIndex:
     def store_precise(self, endpoint: str, hashes: Iterable[int]) -> None:
         """The engine reported these blocks cached (``BlockStored``, re-hashed)."""
         self._precise_endpoints.add(endpoint)
-        now = self._clock()
-        precise = self._precise
-        for h in hashes:
-            holders = precise.get(h)
-            if holders is None:
-                precise[h] = {endpoint: now}
-                self._precise_pairs += 1
-                continue
-            if endpoint not in holders:
-                self._precise_pairs += 1
-            holders[endpoint] = now
-            precise.move_to_end(h)
+        self._precise_pairs += _record(self._precise, endpoint, hashes, self._clock())
         self._enforce_budget()
 
     def remove_precise(self, endpoint: str, hashes: Iterable[int]) -> None:
@@ -230,6 +210,24 @@ class PrefixIndex:
             else:
                 self._precise_pairs -= len(holders)
             self._evicted_budget += len(holders)
+
+
+def _record(
+    table: OrderedDict[int, dict[str, float]], endpoint: str, hashes: Iterable[int], now: float
+) -> int:
+    """Stamp ``endpoint`` on each hash at ``now`` and make it most recent; the new pairs."""
+    added = 0
+    for h in hashes:
+        holders = table.get(h)
+        if holders is None:
+            table[h] = {endpoint: now}
+            added += 1
+            continue
+        if endpoint not in holders:
+            added += 1
+        holders[endpoint] = now
+        table.move_to_end(h)
+    return added
 
 
 def _discard(table: OrderedDict[int, dict[str, float]], h: int, endpoint: str) -> int:
