@@ -166,9 +166,7 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     """
     acc = _Acc(sums={}, kv={})
     models: set[str] = set()
-    for name, labels, value in _samples(text):
-        if not name.startswith("vllm:"):
-            continue
+    for name, labels, value in _samples(text):  # only the vLLM series in _WANTED
         if "model_name" in labels:
             models.add(labels["model_name"])
         summed = _SUMMED.get(name)

@@ -99,6 +99,10 @@ vllm:prefix_cache_queries_total{model_name="m"} 90.0
         ("", "running", 0),
         ("", "prefix_hit_rate", None),
         ("", "has_kv_usage", False),
+        # Series routing does not read are skipped, labels and all.
+        ('other_series{model_name="x"} 1\n', "model_names", frozenset()),
+        ('vllm:unread_series{model_name="x"} 1\n', "model_names", frozenset()),
+        ('vllm:unread_series{engine="0"} 7\n', "running", 0),
     ],
 )
 def test_parse_fields(text: str, field: str, expected: object) -> None:

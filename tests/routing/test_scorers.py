@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from routing.registry import builtin_plugins
 from routing.scorers.kv_cache import LeastKvCache
 from routing.scorers.latency import LeastLatency
 from routing.scorers.least_request import LeastRequest
@@ -72,3 +73,12 @@ def test_token_load(tokens: list[int], expected: list[float]) -> None:
 def test_least_request(kw: list[dict[str, Any]], expected: list[float]) -> None:
     eps = [ep(f"e{i}", **k) for i, k in enumerate(kw)]
     assert LeastRequest().score(REQ, eps) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kind", sorted(builtin_plugins().scorers))
+def test_every_builtin_scorer_answers_no_candidates_with_no_scores(kind: str) -> None:
+    scorer = builtin_plugins().scorers[kind]()
+    req = RouteRequest(model="m", prompt_tokens=64, block_tokens=16, block_hashes=(1, 2, 3, 4))
+    assert scorer.score(req, []) == []
+    explain = getattr(scorer, "explain", None)
+    assert explain is None or explain(req, []) == []
