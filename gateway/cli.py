@@ -15,10 +15,10 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Switchyard LLM gateway")
 
 
-def _run(func: Any) -> None:
+def _run(func: Any, *, uvloop: bool = False) -> None:
     """Run an async entry point; a startup failure becomes one clear line and exit code 1."""
     try:
-        anyio.run(func, backend="asyncio")
+        anyio.run(func, backend="asyncio", backend_options={"use_uvloop": uvloop})
     except KeyboardInterrupt:
         pass
     except (OSError, RuntimeError, ExceptionGroup) as exc:
@@ -69,7 +69,7 @@ def up(
         engine_base_port=engine_base_port,
         model=model,
     )
-    _run(run)
+    _run(run, uvloop=settings.server.uvloop)
 
 
 @app.command()
@@ -77,23 +77,44 @@ def serve(
     config: str = typer.Option(..., "--config", "-c", help="switchyard.yaml"),
     host: str | None = typer.Option(None, help="override server.host"),
     port: int | None = typer.Option(None, help="override server.port"),
+    workers: int | None = typer.Option(
+        None, min=1, max=64, help="gateway processes sharing the port (server.workers, default 1)"
+    ),
 ) -> None:
     """The gateway in front of the real engines listed in the config file."""
     from gateway.logs import configure_logging
     from gateway.runner import build_gateway, serve_gateway
 
     path = Path(config)
-    settings = _load(path, host=host, port=port)
+    settings = _load(path, host=host, port=port, workers=workers)
     configure_logging(settings.log_level, settings.log_format)
-    gateway = build_gateway(settings, config_path=path)
 
-    async def started(bound: int) -> None:
+    def announce(bound: int) -> None:
+        many = settings.server.workers
         typer.echo(
             f"Switchyard gateway on http://{settings.server.host}:{bound} "
             f"with {len(settings.engines)} engine(s) from {config}"
+            + (f", {many} workers" if many > 1 else "")
         )
 
-    _run(partial(serve_gateway, gateway, on_started=started))
+    if settings.server.workers > 1:
+        from gateway.workers import serve_workers
+
+        try:
+            code = serve_workers(
+                settings, config_path=path, workers=settings.server.workers, on_bound=announce
+            )
+        except OSError as exc:
+            typer.echo(f"switchyard: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        raise typer.Exit(code)
+
+    gateway = build_gateway(settings, config_path=path)
+
+    async def started(bound: int) -> None:
+        announce(bound)
+
+    _run(partial(serve_gateway, gateway, on_started=started), uvloop=settings.server.uvloop)
 
 
 @app.command()

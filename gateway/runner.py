@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +68,11 @@ async def serve_gateway(
     gateway: Gateway,
     *,
     on_started: Callable[[int], Awaitable[None]] | None = None,
+    sockets: Sequence[socket.socket] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully: stop accepting, give in-flight
-    requests ``graceful_shutdown_s``, then end the rest cleanly (503 / SSE error event)."""
+    requests ``graceful_shutdown_s``, then end the rest cleanly (503 / SSE error event).
+    ``sockets``: already-listening sockets to accept on (``--workers``) instead of binding."""
     server = gateway.server
 
     async def drain() -> None:
@@ -83,7 +86,7 @@ async def serve_gateway(
 
         async def run_server() -> None:
             try:
-                await server.serve()
+                await server.serve(sockets=list(sockets) if sockets is not None else None)
             except SystemExit as exc:  # uvicorn exits when it cannot bind
                 where = f"{server.config.host}:{server.config.port}"
                 raise RuntimeError(f"cannot listen on {where} (port in use?)") from exc

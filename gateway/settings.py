@@ -61,6 +61,11 @@ class ServerSettings(_Section):
     limit_concurrency: int = Field(default=16384, gt=0)
     graceful_shutdown_s: float = Field(default=5.0, ge=0)
     access_log: bool = True
+    # Run `serve` and `up` on uvloop instead of asyncio's loop (benchmarks/overhead measures it).
+    uvloop: bool = True
+    # Gateway processes sharing the listening socket (``switchyard serve --workers``); see
+    # gateway/workers.py for what each worker shares and keeps alone.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class ProxySettings(_Section):

@@ -7,6 +7,8 @@ runs in a thread on a free port. Nothing of ours is mocked.
 from __future__ import annotations
 
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ from pathlib import Path
 import anyio
 import httpx
 import openai
+import orjson
 import pytest
 
 from benchmarks.ports import free_port
@@ -195,6 +198,54 @@ def test_client_disconnect_frees_the_engine_slot(cluster: Cluster) -> None:
             assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 1)
     # The connection is closed: the gateway cancels upstream and the engine aborts.
     assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0, timeout=15)
+
+
+def _open_stream(port: int, body: bytes) -> socket.socket:
+    """A raw client connection with one streaming request, read up to its first event."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    seen = b""
+    while b"data: " not in seen:
+        data = sock.recv(65536)
+        assert data, f"the gateway closed the stream before its first event: {seen!r}"
+        seen += data
+    return sock
+
+
+def test_dropped_concurrent_streams_all_abort_upstream(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """32 clients go away at once, mid-stream: every engine's running count returns to 0 (the
+    gateway aborted every upstream stream), the gateway holds nothing in flight, and nothing
+    floods the log (asyncio's "socket.send() raised exception" when writing to dead sockets)."""
+    n = 32
+    body = orjson.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "long"}],
+         "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    )  # fmt: skip
+    assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0)
+    for engine in cluster.engines:  # streams of a minute or more: only an abort ends them soon
+        engine.faults(slowdown=20.0)
+    try:
+        socks = [_open_stream(cluster.gateway.port, body) for _ in range(n)]
+        try:
+            assert wait_until(lambda: sum(e.running() for e in cluster.engines) == n, timeout=20)
+        finally:
+            for sock in socks:  # all at once (a reset), without reading the rest
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        assert wait_until(lambda: sum(e.running() for e in cluster.engines) == 0, timeout=15)
+    finally:
+        for engine in cluster.engines:
+            engine.faults(clear=True)
+    ready = httpx.get(f"{cluster.gateway.url}/ready", timeout=5).json()
+    assert all(engine["in_flight"] == 0 for engine in ready["engines"])
+    flood = [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert not flood, f"{len(flood)} send-to-closed-socket warnings"
 
 
 def test_stream_cut_by_engine_crash_ends_with_one_error_event(cluster: Cluster) -> None:
