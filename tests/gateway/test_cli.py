@@ -74,6 +74,68 @@ def test_serve_with_config_reload_and_ctrl_c(start_engines: StartEngines, tmp_pa
             proc.stdout.close()
 
 
+def _worker_pids(proc: subprocess.Popen[str], want: int) -> dict[int, int]:
+    """Worker index -> pid from the workers' "serving" log lines (bounded read)."""
+    assert proc.stdout is not None
+    pids: dict[int, int] = {}
+    for _ in range(200):
+        line = proc.stdout.readline()
+        match = re.search(r"worker (\d+) \(pid (\d+)\) serving", line)
+        if match:
+            pids[int(match.group(1))] = int(match.group(2))
+            if len(pids) == want:
+                return pids
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"workers did not start: {pids}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_serve_workers_share_the_port_restart_and_stop(
+    start_engines: StartEngines, tmp_path: Path
+) -> None:
+    ((engine, srv),) = start_engines(1)
+    config = tmp_path / "switchyard.yaml"
+    config.write_text(
+        f"log_level: INFO\nserver: {{access_log: false}}\nengines:\n  - url: {srv.url}\n"
+    )
+    proc = subprocess.Popen(
+        [SWITCHYARD, "serve", "--config", str(config), "--port", "0", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = _read_url(proc)
+        pids = _worker_pids(proc, 2)
+        assert len(set(pids.values())) == 2 and proc.pid not in pids.values()
+        for _ in range(20):  # a new connection each time: either worker may accept it
+            assert (
+                httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+            )
+        assert engine.requests == 20
+        os.kill(pids[0], signal.SIGKILL)  # the supervisor restarts a dead worker
+        restarted = _worker_pids(proc, 1)
+        assert restarted[0] != pids[0]
+        assert httpx.post(f"{url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not _alive(pids[1]) and not _alive(restarted[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
 def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("routing:\n  policy: astrology\n")
