@@ -1,13 +1,16 @@
 """The gateway side of routing: everything a policy needs, prepared before the pure call.
 
 Per request (:meth:`Router.route`): pick the policy (config default, or the
-``x-switchyard-routing`` header; unknown -> 400), hash the prompt into prefix blocks
-(:mod:`gateway.prefix`), look them up in the one :class:`kvcache.PrefixIndex`
-(``RouteRequest.prefix_blocks``), admit the user to the VTC counters (fairness), and call
-``Policy.choose`` on the endpoint snapshots. The returned :class:`Routed` carries the hooks
-the proxy calls: ``committed`` when an engine's first byte is relayed (records the prefix
-in the approximate index for that engine, if it answered < 400) and ``finished`` once per
-request (charges and releases the user's VTC counter).
+``x-switchyard-routing`` header; unknown -> 400); if the policy reads prefixes
+(:attr:`routing.Policy.reads_prefix`: prefix-cache and profiles using its scorer), hash the
+prompt into prefix blocks (:mod:`gateway.prefix`) and look them up in the one
+:class:`kvcache.PrefixIndex` (``RouteRequest.prefix_blocks``) -- other policies skip both,
+and their requests record nothing in the approximate index; admit the user to the VTC
+counters (fairness), and call ``Policy.choose`` on the endpoint snapshots. The returned
+:class:`Routed` carries the hooks the proxy calls: ``committed`` when an engine's first
+byte is relayed (records the prefix in the approximate index for that engine, if it
+answered < 400) and ``finished`` once per request (charges and releases the user's VTC
+counter).
 
 The index is also fed precisely from KV events (:mod:`gateway.kvevents`); its size is
 bounded by ``routing.prefix.max_pairs`` and exported by :class:`RoutingCollector`.
@@ -33,7 +36,7 @@ from gateway.errors import InvalidField, NoHealthyEndpoint
 from gateway.exchange import FinishedRequest
 from gateway.metrics import GatewayMetrics
 from gateway.parsing import Kind, RequestFields
-from gateway.prefix import Blocks, PromptHasher
+from gateway.prefix import NO_BLOCKS, Blocks, PromptHasher
 from gateway.settings import Settings
 from kvcache import EndpointFeed, PrefixIndex
 from routing import (
@@ -151,10 +154,13 @@ class Router:
         explain: bool = False,
     ) -> Routed:
         snapshots = self.endpoints.snapshots()
-        block_size = next((s.block_size for s in snapshots if s.block_size), None)
-        blocks = await self.hasher.blocks(
-            kind, fields.prompt, model=model, adapter=adapter, block_tokens=block_size
-        )
+        if policy.reads_prefix:
+            block_size = next((s.block_size for s in snapshots if s.block_size), None)
+            blocks = await self.hasher.blocks(
+                kind, fields.prompt, model=model, adapter=adapter, block_tokens=block_size
+            )
+        else:  # nothing reads the prefix: no hashing, no lookup, nothing recorded
+            blocks = NO_BLOCKS
         matched = self.index.match(blocks.hashes) if blocks.hashes else {}
         user = fields.user
         fairness = self.vtc.admit(user) if user else None

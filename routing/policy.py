@@ -49,6 +49,13 @@ class Policy:
     scorers: tuple[tuple[Scorer, float], ...]
     picker: Picker
 
+    @property
+    def reads_prefix(self) -> bool:
+        """Whether a plugin reads the prompt's block hashes or prefix matches: if none does,
+        the gateway skips hashing the prompt and the index lookup (round-robin pays nothing)."""
+        plugins = (*self.filters, *(scorer for scorer, _ in self.scorers), self.picker)
+        return any(getattr(plugin, "reads_prefix", False) for plugin in plugins)
+
     def choose(
         self,
         req: RouteRequest,

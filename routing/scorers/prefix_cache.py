@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from routing.types import (
     EndpointSnapshot,
@@ -97,6 +98,10 @@ class CostEstimate:
 @dataclass(frozen=True, slots=True)
 class PrefixCacheCost:
     """Example: ``PrefixCacheCost().score(req_with_prefix_blocks, endpoints)``."""
+
+    reads_prefix: ClassVar[bool] = True
+    """The gateway hashes prompts and looks up the prefix index only for policies that read
+    ``RouteRequest.block_hashes`` / ``prefix_blocks`` (:attr:`routing.Policy.reads_prefix`)."""
 
     prefill_s_per_token: float = 9e-5
     decode_s_per_request: float = 2e-3
