@@ -8,12 +8,15 @@ A leaf module (standard library only), so both ``benchmarks/`` and ``tests/`` ca
 
 from __future__ import annotations
 
+import os
 import socket
 
 __all__ = ["free_port", "free_port_block"]
 
 HOST = "127.0.0.1"
-ATTEMPTS = 50
+# Blocks come from below Linux's ephemeral range (32768-60999): there, client sockets of a busy
+# run linger in TIME_WAIT and a block of kernel-picked neighbours is often refused.
+BLOCK_RANGE = range(20000, 32768)
 
 
 def free_port() -> int:
@@ -24,26 +27,32 @@ def free_port() -> int:
 
 
 def free_port_block(n: int) -> int:
-    """A base port with ``n`` consecutive free TCP ports on 127.0.0.1 (bounded retries).
+    """A base port with ``n`` consecutive free TCP ports on 127.0.0.1, from ``BLOCK_RANGE``.
 
-    Raises ``OSError`` when no such block turns up in ``ATTEMPTS`` tries.
+    The scan starts at a per-process offset (parallel runs rarely probe the same ports) and
+    raises ``OSError`` when the whole range has no such block.
     """
     if n < 1:
         raise ValueError("a block has at least one port")
-    for _ in range(ATTEMPTS):
-        base = free_port()
-        if base + n > 65536:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((HOST, port))
+    low, span = BLOCK_RANGE.start, len(BLOCK_RANGE)
+    first = (os.getpid() * 37) % span
+    for step in range(0, span, n + 7):
+        base = low + (first + step) % span
+        if base + n <= BLOCK_RANGE.stop and _all_free(base, n):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
     raise OSError(f"no block of {n} free ports on {HOST}")
+
+
+def _all_free(base: int, n: int) -> bool:
+    socks: list[socket.socket] = []
+    try:
+        for port in range(base, base + n):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((HOST, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
