@@ -8,7 +8,7 @@ ENGINES ?= 4
 # The real vLLM engine lives in a cached venv outside the repository (3.5 GB; see docs/enginesim.md).
 REAL_ENGINE_HOME ?= $(HOME)/.cache/switchyard/real-engine
 
-.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing clean
+.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing bench-overhead clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench-engine: $(STAMP)
 
 bench-routing: $(STAMP)
 	$(PY) -m benchmarks.routing
+
+# Gateway overhead vs direct, nginx and the peer routers (issue 10; benchmarks/overhead/README.md).
+# BENCH_ARGS passes options, e.g. make bench-overhead BENCH_ARGS=--quick
+bench-overhead: $(STAMP)
+	PY=$(PY) bash scripts/bench_tools.sh
+	$(PY) -m benchmarks.overhead $(BENCH_ARGS)
 
 # Prefix-cache vs round-robin routing through the gateway in front of two real vLLM CPU engines.
 bench-real-routing: $(STAMP)

@@ -93,7 +93,7 @@ class Preset:
 
 
 FULL = Preset(rounds=5, duration_s=10, warmup_s=2, ttft_k=50, soak_requests=100_000,
-              soak_warmup=10_000, soak_segment_s=10)  # fmt: skip
+              soak_warmup=10_000, soak_segment_s=5)  # fmt: skip
 QUICK = Preset(rounds=1, duration_s=2, warmup_s=1, ttft_k=8, soak_requests=10_000,
                soak_warmup=2_000, soak_segment_s=2, sweep=(8, 32, 128))  # fmt: skip
 

@@ -139,14 +139,16 @@ def plot(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 5))
-    for name in sorted({r["contender"] for r in sweep}):
-        pts = sorted((r["c"], r) for r in sweep if r["contender"] == name)
+    palette = plt.get_cmap("tab10")
+    for i, name in enumerate(sorted({r["contender"] for r in sweep})):
+        pts = sorted(((r["c"], r) for r in sweep if r["contender"] == name), key=lambda t: t[0])
         cs = [c for c, _ in pts]
-        axes[0].plot(cs, [r["rps"] for _, r in pts], marker="o", label=name)
-        axes[1].plot(cs, [r["p50_ms"] for _, r in pts], marker="o", label=name)
+        style = {"marker": "o", "label": name, "color": palette(i % 10)}
+        axes[0].plot(cs, [r["rps"] for _, r in pts], **style)
+        axes[1].plot(cs, [r["p50_ms"] for _, r in pts], **style)
         cpu = [(c, r["cpu_us_per_req"]) for c, r in pts if r["cpu_us_per_req"]]
         if cpu:
-            axes[2].plot([c for c, _ in cpu], [v for _, v in cpu], marker="o", label=name)
+            axes[2].plot([c for c, _ in cpu], [v for _, v in cpu], **style)
     for ax, title in zip(axes, ("req/s", "p50 latency (ms)", "proxy CPU per request (us)"),
                          strict=True):  # fmt: skip
         ax.set_xscale("log", base=2)
