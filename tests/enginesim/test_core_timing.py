@@ -9,27 +9,15 @@ import pytest
 from enginesim.core.api import SimRequest
 from enginesim.core.engine import EngineCore
 from enginesim.core.profile import (
-    EngineProfile,
     available_profiles,
     load_profile,
     profile_from_dict,
 )
 from enginesim.core.timing import BatchShape, step_time
+from tests.enginesim.tiny_profile import tiny_profile
 
-P = EngineProfile(
-    name="t",
-    model="m",
-    block_size=16,
-    num_gpu_blocks=1000,
-    max_num_seqs=64,
-    max_num_batched_tokens=512,
-    max_model_len=4096,
-    c0_s=0.5,
-    c_prefill_s=0.25,
-    c_attn_s=2.0**-7,
-    c_decode_s=0.125,
-    c_ctx_s=2.0**-9,
-)
+P = tiny_profile(name="t", block_size=16, num_gpu_blocks=1000, max_num_seqs=64,
+                 max_num_batched_tokens=512, max_model_len=4096, vocab_size=32000)  # fmt: skip
 
 
 @pytest.mark.parametrize(
