@@ -1,11 +1,12 @@
 """The app factory: ``create_app(settings, *, services=None)``.
 
-The app is a stack of pure-ASGI layers, outermost first: the middleware of
-:mod:`gateway.middleware` (request id, access log, concurrency guard, body-size limit), then
-:class:`gateway.routes.proxied.ProxiedRoutes` (chat, completions and embeddings as raw
-ASGI, the hot path), then a FastAPI app for everything else (models, probes, metrics,
-admin). FastAPI's lifespan opens a :class:`gateway.services.Services` (unless the caller
-passes one, as tests do) and exposes it as lifespan state (``scope["state"]["services"]``).
+The app is a stack of pure-ASGI layers, outermost first: request id and access log
+(:mod:`gateway.middleware`), then :class:`gateway.routes.proxied.ProxiedRoutes` (chat,
+completions and embeddings as raw ASGI, the hot path, applying the concurrency guard and
+body limit itself), then for everything else the guard and body-limit middleware and a
+FastAPI app (models, probes, metrics, admin). FastAPI's lifespan opens a
+:class:`gateway.services.Services` (unless the caller passes one, as tests do) and exposes
+it as lifespan state (``scope["state"]["services"]``).
 Exception handlers turn every error into the OpenAI envelope.
 
 Example::
@@ -32,6 +33,7 @@ from gateway.errors import ClientError, GatewayError, InvalidField, NotFound
 from gateway.middleware import (
     AccessLogMiddleware,
     BodySizeLimitMiddleware,
+    ConcurrencyGuard,
     ConcurrencyLimitMiddleware,
     RequestIdMiddleware,
 )
@@ -119,9 +121,10 @@ def create_app(
     api.include_router(ops.router)
     api.include_router(admin.router)
     server = settings.server
-    app: ASGIApp = ProxiedRoutes(api)
-    app = BodySizeLimitMiddleware(app, max_bytes=server.max_body_bytes)
-    app = ConcurrencyLimitMiddleware(app, max_requests=server.max_concurrent_requests)
+    guard = ConcurrencyGuard(server.max_concurrent_requests)
+    app: ASGIApp = BodySizeLimitMiddleware(api, max_bytes=server.max_body_bytes)
+    app = ConcurrencyLimitMiddleware(app, guard=guard)
+    app = ProxiedRoutes(app, guard=guard, max_body_bytes=server.max_body_bytes)
     if server.access_log:
         app = AccessLogMiddleware(app)
     return RequestIdMiddleware(app)

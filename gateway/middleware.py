@@ -3,15 +3,18 @@
 Pure ASGI (not ``BaseHTTPMiddleware``) so that contextvars set here are visible in the
 handler, streaming is never buffered and ``http.disconnect`` reaches the proxy unchanged.
 Order, outermost first: :class:`RequestIdMiddleware` → :class:`AccessLogMiddleware` →
-:class:`ConcurrencyLimitMiddleware` → :class:`BodySizeLimitMiddleware` → the app.
+the proxied routes (raw ASGI; they apply the :class:`ConcurrencyGuard` and the body limit
+themselves, one await level each fewer on the hot path) → :class:`ConcurrencyLimitMiddleware`
+→ :class:`BodySizeLimitMiddleware` → the FastAPI app. Both paths share one guard.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,10 +34,16 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestIdMiddleware:
-    """Takes a safe incoming ``x-request-id`` or makes ``req_<hex>``; echoes it on the response."""
+    """Takes a safe incoming ``x-request-id`` or makes one; echoes it on the response.
+
+    Made ids are ``req_<16 random hex digits, per process><counter in hex>``: unique across
+    processes and replicas without a ``uuid4`` (an ``os.urandom`` call) per request.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._prefix = f"req_{secrets.token_hex(8)}"
+        self._ids = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,7 +51,7 @@ class RequestIdMiddleware:
             return
         incoming = _header(scope, b"x-request-id")
         text = incoming.decode("latin-1") if incoming else ""
-        rid = text if _SAFE_ID.match(text) else f"req_{uuid.uuid4().hex}"
+        rid = text if _SAFE_ID.match(text) else f"{self._prefix}{next(self._ids):08x}"
         raw = rid.encode()
         started = False
 
@@ -69,6 +78,31 @@ class RequestIdMiddleware:
             reset_request_id(token)
 
 
+def declared_too_large(scope: Scope, limit: int) -> BodyTooLarge | None:
+    """The 413 for a ``content-length`` over ``limit``, else None."""
+    declared = _header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
+    return None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body (413 once it exceeds ``limit``); None if the client left."""
+    chunks: list[bytes] = []
+    seen = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class BodySizeLimitMiddleware:
     """Refuses bodies over ``max_bytes`` with 413: by Content-Length, else while reading."""
 
@@ -81,10 +115,9 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            exc = BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
-            await send_error(send, exc)
+        refused = declared_too_large(scope, limit)
+        if refused is not None:
+            await send_error(send, refused)
             return
         seen = 0
 
@@ -100,33 +133,52 @@ class BodySizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class ConcurrencyGuard:
+    """At most ``max_requests`` requests in progress, counted by whoever serves them (one
+    event loop: a plain counter is enough). ``with guard:`` raises :class:`Overloaded`."""
+
+    __slots__ = ("active", "max_requests")
+
+    def __init__(self, max_requests: int) -> None:
+        self.max_requests = max_requests
+        self.active = 0
+
+    def __enter__(self) -> ConcurrencyGuard:
+        if self.active >= self.max_requests:
+            raise Overloaded(f"the gateway is at its limit of {self.max_requests} requests")
+        self.active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+
+
 class ConcurrencyLimitMiddleware:
-    """At most ``max_requests`` requests in progress; more get a 503 envelope at once.
+    """Applies a :class:`ConcurrencyGuard`: over the limit, a 503 envelope at once.
 
     Probes (``/health``, ``/ready``, ``/metrics``) are exempt so that an overloaded gateway
-    still answers its orchestrator. One event loop: a plain counter is enough.
+    still answers its orchestrator.
     """
 
     EXEMPT = frozenset({"/health", "/ready", "/metrics"})
 
-    def __init__(self, app: ASGIApp, *, max_requests: int) -> None:
+    def __init__(self, app: ASGIApp, *, guard: ConcurrencyGuard) -> None:
         self.app = app
-        self.max_requests = max_requests
-        self.active = 0
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.EXEMPT:
             await self.app(scope, receive, send)
             return
-        if self.active >= self.max_requests:
-            exc = Overloaded(f"the gateway is at its limit of {self.max_requests} requests")
+        try:
+            self.guard.__enter__()
+        except Overloaded as exc:
             await send_error(send, exc)
             return
-        self.active += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            self.guard.__exit__()
 
 
 class AccessLogMiddleware:

@@ -76,6 +76,9 @@ def make_server(
         limit_concurrency=limit_concurrency,
         timeout_graceful_shutdown=None if graceful_shutdown_s is None else int(graceful_shutdown_s),
         timeout_keep_alive=30,
+        # Nothing reads the client address; uvicorn's X-Forwarded-For middleware would be one
+        # more ASGI level on every request.
+        proxy_headers=False,
     )
     return EmbeddedServer(config)
 

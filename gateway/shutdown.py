@@ -35,8 +35,9 @@ class InFlight:
         return len(self._scopes)
 
     @contextmanager
-    def track(self) -> Iterator[anyio.CancelScope]:
-        scope = anyio.CancelScope()
+    def track(self, scope: anyio.CancelScope | None = None) -> Iterator[anyio.CancelScope]:
+        """Register ``scope`` (a new one by default) until the block exits."""
+        scope = scope if scope is not None else anyio.CancelScope()
         if self.draining:
             scope.cancel()
         self._scopes.add(scope)

@@ -15,8 +15,10 @@ loop), and closed by :meth:`Upstream.aclose` at app shutdown. Limits and timeout
 * ``connect``: waiting for a pooled connection plus connecting (``pool_timeout_s +
   connect_timeout_s``); ``sock_connect``: the TCP connect alone (``connect_timeout_s``);
 * ``sock_read``: the longest gap between two reads (``read_timeout_s``);
-* ``total``: ``total_timeout_s`` (the proxy enforces the same deadline itself, so this is
-  only a backstop). Writes of a request body are bounded by ``total``.
+* no aiohttp ``total``: the whole-request deadline (``total_timeout_s``) is the proxy's own
+  cancel scope around every exchange (:mod:`gateway.proxy`), which also bounds writing the
+  request body. aiohttp's total timer cost a task lookup and a timer per request for the
+  same bound.
 
 Bodies are relayed as they are: no automatic decompression and no ``Accept-Encoding``
 header added.
@@ -47,7 +49,7 @@ class Upstream:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
-            total=settings.total_timeout_s + 5.0,
+            total=None,  # bounded by the proxy's deadline scope (see the module docstring)
             connect=settings.pool_timeout_s + settings.connect_timeout_s,
             sock_connect=settings.connect_timeout_s,
             sock_read=settings.read_timeout_s,
