@@ -6,13 +6,19 @@ import pytest
 
 from kvcache import hash_byte_blocks, hash_token_blocks, root_hash
 
+FULL_BLOCKS = [(0, 16, 0), (15, 16, 0), (16, 16, 1), (47, 16, 2), (754, 128, 5), (768, 128, 6)]
 
-@pytest.mark.parametrize(
-    ("n_tokens", "block_size", "expected_blocks"),
-    [(0, 16, 0), (15, 16, 0), (16, 16, 1), (47, 16, 2), (754, 128, 5), (768, 128, 6)],
-)
+
+@pytest.mark.parametrize(("n_tokens", "block_size", "expected_blocks"), FULL_BLOCKS)
 def test_only_full_blocks_are_hashed(n_tokens: int, block_size: int, expected_blocks: int) -> None:
     assert len(hash_token_blocks(list(range(n_tokens)), block_size, model="m")) == expected_blocks
+
+
+@pytest.mark.parametrize(("n_bytes", "block_size", "expected_blocks"), FULL_BLOCKS)
+def test_only_full_byte_blocks_are_hashed(
+    n_bytes: int, block_size: int, expected_blocks: int
+) -> None:
+    assert len(hash_byte_blocks(b"x" * n_bytes, block_size, model="m")) == expected_blocks
 
 
 def test_chain_covers_the_whole_prefix() -> None:
