@@ -45,7 +45,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _starters(regime: Regime, catalogue: dict[str, cont.Starter], wanted: set[str]) -> dict:
+def _starters(
+    regime: Regime, catalogue: dict[str, cont.Starter], wanted: set[str]
+) -> dict[str, cont.Starter]:
     extra = {n: cont.switchyard(n.removeprefix("switchyard-")) for n in regime.extra}
     out = {**catalogue, **{n: s for n, s in extra.items() if n not in catalogue}}
     return {

@@ -75,7 +75,7 @@ def combine_wrk(parts: Sequence[WrkResult]) -> WrkResult:
     n = sum(p.requests for p in parts) or 1
 
     def weighted(attr: str) -> float:
-        return sum(getattr(p, attr) * p.requests for p in parts) / n
+        return float(sum(getattr(p, attr) * p.requests for p in parts)) / n
 
     errs: dict[str, int] = {}
     for p in parts:

@@ -115,7 +115,9 @@ def measure(
     )  # fmt: skip
 
 
-def ttft(run: Running | None, engines: Engines, k: int, tokens: int) -> tuple[float | None, dict]:
+def ttft(
+    run: Running | None, engines: Engines, k: int, tokens: int
+) -> tuple[float | None, dict[str, Any]]:
     """TTFT p50 of requests 2..k on one keep-alive connection at c=1, and stream checks."""
     url = run.url if run else engines.urls[0]
     checks = ttft_probe(url, k, tokens, auth=run.auth if run else None)
