@@ -59,6 +59,7 @@ class EndpointState:
         "static_models",
         "upstream_headers",
         "url",
+        "version",
     )
 
     def __init__(
@@ -78,6 +79,7 @@ class EndpointState:
             {"authorization": f"Bearer {api_key}"} if api_key else {}
         )
         self.engine = EngineState(endpoint_id, url)
+        self.version = 0  # bumped when health or models change (the registry's catalog cache)
         self.static_models = tuple(static_models)
         self.models: tuple[ModelCard, ...] = ()
         self.health = Health.UNKNOWN
@@ -133,11 +135,14 @@ class EndpointState:
             if self.health is Health.UNKNOWN or self.consecutive_failures >= fail_threshold:
                 self.health = Health.UNHEALTHY
         self.engine.set_health(self.healthy)
+        if self.health is not before:
+            self.version += 1
         return self.health is not before
 
     def set_models(self, cards: Iterable[ModelCard]) -> None:
         cards = tuple(cards)
         self.models = cards if cards else tuple(ModelCard(m) for m in self.static_models)
+        self.version += 1
         self.engine.set_models(frozenset(card.id for card in self.models))
 
     def snapshot(self) -> EndpointSnapshot:
@@ -186,6 +191,8 @@ class EndpointRegistry:
     def __init__(self) -> None:
         self._states: dict[str, EndpointState] = {}
         self._seq = 0
+        self._version = 0  # bumped by add/remove
+        self._catalog: tuple[tuple[int, ...], dict[str, ModelEntry]] | None = None
 
     def add(
         self,
@@ -201,9 +208,11 @@ class EndpointRegistry:
             raise KeyError(f"endpoint {eid!r} already registered")
         state = EndpointState(eid, url.rstrip("/"), models, api_key=api_key, kv_events=kv_events)
         self._states[eid] = state
+        self._version += 1
         return state
 
     def remove(self, endpoint_id: str) -> EndpointState:
+        self._version += 1
         return self._states.pop(endpoint_id)
 
     def get(self, endpoint_id: str) -> EndpointState | None:
@@ -227,7 +236,11 @@ class EndpointRegistry:
         return any(state.healthy for state in self._states.values())
 
     def catalog(self) -> dict[str, ModelEntry]:
-        """Every model/adapter any engine has listed, with which engines list it."""
+        """Every model/adapter any engine has listed, with which engines list it. Cached until
+        an engine is added or removed or changes health or models (read on every request)."""
+        key = (self._version, *(state.version for state in self._states.values()))
+        if self._catalog is not None and self._catalog[0] == key:
+            return self._catalog[1]
         out: dict[str, ModelEntry] = {}
         for state in self._states.values():
             for card in state.models:
@@ -240,6 +253,7 @@ class EndpointRegistry:
                         endpoints=(*entry.endpoints, state.id),
                         healthy=entry.healthy or state.healthy,
                     )
+        self._catalog = (key, out)
         return out
 
 

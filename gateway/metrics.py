@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -93,6 +93,12 @@ class GatewayMetrics:
     prefix_hit_blocks: Histogram
     scrape_errors: Counter
     health_transitions: Counter
+    _request_children: dict[tuple[str, str, int], tuple[Counter, Histogram, Histogram]] = field(
+        default_factory=dict, repr=False
+    )
+    _decision_children: dict[tuple[str, str, str], tuple[Counter, Counter]] = field(
+        default_factory=dict, repr=False
+    )
 
     @classmethod
     def create(cls, endpoints: EndpointRegistry) -> GatewayMetrics:
@@ -172,6 +178,40 @@ class GatewayMetrics:
                 registry=reg,
             ),
         )
+
+    def request_done(
+        self, *, model: str, endpoint: str, status: int, duration_s: float, ttft_s: float | None
+    ) -> None:
+        """Count one finished proxied request. The children of each label set are kept:
+        ``labels()`` takes a lock and builds its key on every call (the cache is as bounded as
+        the label sets themselves)."""
+        key = (model, endpoint, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(model, endpoint, str(status)),
+                self.latency.labels(model, endpoint),
+                self.ttft.labels(model, endpoint),
+            )
+            self._request_children[key] = children
+        count, latency, ttft = children
+        count.inc()
+        latency.observe(duration_s)
+        if ttft_s is not None:
+            ttft.observe(ttft_s)
+
+    def decided(self, *, policy: str, outcome: str, endpoint: str) -> None:
+        """Count one routing decision (children cached, as in :meth:`request_done`)."""
+        key = (policy, outcome, endpoint)
+        children = self._decision_children.get(key)
+        if children is None:
+            children = (
+                self.decisions.labels(policy, outcome),
+                self.endpoint_decisions.labels(policy, endpoint),
+            )
+            self._decision_children[key] = children
+        children[0].inc()
+        children[1].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

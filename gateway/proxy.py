@@ -1,11 +1,14 @@
 """Forward one request to an engine and stream the answer back, byte for byte.
 
 The route parses and routes (errors there are ordinary exceptions), then calls
-:meth:`Proxy.serve`, which runs one :class:`Exchange` in a cancel scope that serves three
-ends at once: the client's ``http.disconnect`` (a watcher task cancels it, the upstream
-connection is closed, so the engine aborts the request and frees its slot), the
-whole-request deadline (``total_timeout_s``, the scope's deadline) and the shutdown drain
-(:class:`gateway.shutdown.InFlight` cancels it). One scope and one task per request.
+:meth:`Proxy.serve`, which runs one :class:`Exchange`. Three things may end it early, and
+each cancels the request's task with its reason: the client's ``http.disconnect`` (a
+watcher task; the upstream connection is then closed, so the engine aborts the request and
+frees its slot), the whole-request deadline (``total_timeout_s``, a loop timer) and the
+shutdown drain (:class:`gateway.shutdown.InFlight`). These are asyncio's own primitives, not
+anyio's: a task group and cancel scope per request cost ~40 us of CPU in
+``benchmarks/overhead`` (scope entry looks up task state in a weak dict and schedules its
+own timer); the gateway runs only on asyncio (uvloop).
 
 Three objects, after starlette's middleware responders and httpx's ``_send_*`` chain:
 
@@ -32,10 +35,10 @@ import logging
 import re
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import aiohttp
-import anyio
 from starlette.types import Receive, Send
 
 from gateway.context import current_request_id
@@ -115,6 +118,7 @@ class Exchange:
 
     __slots__ = (
         "endpoint_id",
+        "finished",
         "outcome",
         "plan",
         "proxy",
@@ -134,6 +138,7 @@ class Exchange:
         self.status = 0
         self.started = False  # the response head went out: no failover from here on
         self.sent_last = False  # the final body message is going out: a disconnect is late
+        self.finished = False  # the attempts are over: nothing may cancel the task any more
         self.sse = False
         self.outcome = "ok"
         self.endpoint_id: str | None = None
@@ -144,44 +149,57 @@ class Exchange:
         """The attempts, raced against the client's disconnect, under the deadline and the
         shutdown drain (see the module docstring); then the request is accounted, always."""
         proxy = self.proxy
-        gone = finished = False
-        scope = anyio.CancelScope(deadline=anyio.current_time() + proxy.settings.total_timeout_s)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        why: list[str] = []  # the first reason to cancel: gone | shutdown | deadline
+
+        def cancel(reason: str) -> None:
+            if not why and not self.finished:
+                why.append(reason)
+                task.cancel()
 
         async def watch_disconnect() -> None:
-            nonlocal gone
             with contextlib.suppress(Exception):  # a server that fails receive(): stop watching
                 while (await receive())["type"] != "http.disconnect":
                     pass
                 if not self.sent_last:  # (servers report a finished response as gone)
-                    gone = True
-                    scope.cancel()
+                    cancel("gone")
 
-        # A bare asyncio task, not an anyio task group: the group's events, task names and
-        # scopes cost ~30 us per request in benchmarks/overhead (the gateway runs on asyncio).
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        watcher = loop.create_task(watch_disconnect())
+        timer = loop.call_later(proxy.settings.total_timeout_s, cancel, "deadline")
+        token = proxy.inflight.add(partial(cancel, "shutdown"))
         try:
-            with proxy.inflight.track(scope), scope:
-                try:
-                    await self._attempts()
-                except GatewayError as exc:  # nothing was sent yet
-                    self.status, self.outcome = exc.status, "gateway_error"
-                    await self.send_error(exc)
-                finished = True
-            if gone:
+            try:
+                await self._attempts()
+            except GatewayError as exc:  # nothing was sent yet
+                self.status, self.outcome = exc.status, "gateway_error"
+                await self.send_error(exc)
+            self.finished = True
+        except asyncio.CancelledError:
+            if not why:  # cancelled from outside (the server is stopping)
                 self.status, self.outcome = CLIENT_CLOSED, "client_disconnect"
-            elif not finished and proxy.inflight.draining:
-                await self._end(ShuttingDown("the gateway is shutting down; retry later"))
-            elif not finished:
-                deadline = proxy.settings.total_timeout_s
-                await self._end(
-                    UpstreamTimeout(f"the request exceeded the gateway's {deadline:g}s deadline")
-                )
-        except anyio.get_cancelled_exc_class():  # cancelled from outside (server stopping)
-            self.status, self.outcome = CLIENT_CLOSED, "client_disconnect"
-            raise
+                raise
+            task.uncancel()
+            self.finished = True
+            await self._cancelled(why[0])
         finally:
+            self.finished = True
+            timer.cancel()
             watcher.cancel()
+            proxy.inflight.discard(token)
             self._account()
+
+    async def _cancelled(self, reason: str) -> None:
+        if reason == "gone":
+            self.status, self.outcome = CLIENT_CLOSED, "client_disconnect"
+        elif reason == "shutdown":
+            await self._end(ShuttingDown("the gateway is shutting down; retry later"))
+        else:
+            deadline = self.proxy.settings.total_timeout_s
+            await self._end(
+                UpstreamTimeout(f"the request exceeded the gateway's {deadline:g}s deadline")
+            )
 
     async def send_error(self, exc: GatewayError) -> None:
         self.sent_last = True
@@ -276,11 +294,13 @@ class Exchange:
     def _account(self) -> None:
         plan, metrics = self.plan, self.proxy.metrics
         duration = time.perf_counter() - plan.started
-        endpoint = self.endpoint_id or "none"
-        metrics.requests.labels(plan.model_label, endpoint, str(self.status)).inc()
-        metrics.latency.labels(plan.model_label, endpoint).observe(duration)
-        if self.ttft_s is not None:
-            metrics.ttft.labels(plan.model_label, endpoint).observe(self.ttft_s)
+        metrics.request_done(
+            model=plan.model_label,
+            endpoint=self.endpoint_id or "none",
+            status=self.status,
+            duration_s=duration,
+            ttft_s=self.ttft_s,
+        )
         if self.outcome == "ok" and self.status >= 500:
             self.outcome = "upstream_error"
         record = FinishedRequest(
@@ -353,8 +373,9 @@ class Attempt:
             if not (interval > 0 and self.sse and response.status == 200):
                 return await response.content.readany()
             while True:
-                with anyio.move_on_after(interval):
-                    return await response.content.readany()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval):
+                        return await response.content.readany()
                 # Still no first chunk after ``interval``: commit and keep the client waiting.
                 if not exchange.started:
                     await exchange.start(self)

@@ -191,8 +191,7 @@ class Router:
         hit = matched.get(chosen, 0)
         best = max(matched.values(), default=0)
         outcome = "cold" if best == 0 else ("hit" if hit >= best else "spill")
-        self.metrics.decisions.labels(policy=policy.name, outcome=outcome).inc()
-        self.metrics.endpoint_decisions.labels(policy=policy.name, endpoint=chosen).inc()
+        self.metrics.decided(policy=policy.name, outcome=outcome, endpoint=chosen)
         if blocks.hashes:
             self.metrics.prefix_hit_blocks.labels(policy=policy.name).observe(hit)
         return Routed(self, route, decision, blocks, user)

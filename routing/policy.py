@@ -11,7 +11,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from routing.types import EndpointSnapshot, Filter, Picker, RouteRequest, Scorer
 
@@ -48,13 +48,14 @@ class Policy:
     filters: tuple[Filter, ...]
     scorers: tuple[tuple[Scorer, float], ...]
     picker: Picker
+    reads_prefix: bool = field(init=False, default=False)
+    """Whether a plugin reads the prompt's block hashes or prefix matches: if none does, the
+    gateway skips hashing the prompt and the index lookup (round-robin pays nothing)."""
 
-    @property
-    def reads_prefix(self) -> bool:
-        """Whether a plugin reads the prompt's block hashes or prefix matches: if none does,
-        the gateway skips hashing the prompt and the index lookup (round-robin pays nothing)."""
+    def __post_init__(self) -> None:
         plugins = (*self.filters, *(scorer for scorer, _ in self.scorers), self.picker)
-        return any(getattr(plugin, "reads_prefix", False) for plugin in plugins)
+        reads = any(getattr(plugin, "reads_prefix", False) for plugin in plugins)
+        object.__setattr__(self, "reads_prefix", reads)
 
     def choose(
         self,

@@ -84,3 +84,18 @@ def test_upstream_errors_map_once(
     assert info.value.__cause__ is raised
     assert "e1" in info.value.message
     assert info.value.status == (504 if expected is UpstreamTimeout else 502)
+
+
+def test_catalog_cache_follows_every_change() -> None:
+    registry = EndpointRegistry()
+    a = registry.add("http://a:1", models=["m"])
+    assert not registry.catalog()["m"].healthy
+    a.record_probe(True, fail_threshold=1, success_threshold=1)
+    assert registry.catalog()["m"].healthy  # health changed
+    assert registry.catalog() is registry.catalog()  # nothing changed: the same object
+    a.set_models([ModelCard("m"), ModelCard("lora", parent="m")])
+    assert set(registry.catalog()) == {"m", "lora"}  # models changed
+    registry.add("http://b:1", endpoint_id="b", models=["other"])
+    assert set(registry.catalog()) == {"m", "lora", "other"}  # added
+    registry.remove("b")
+    assert set(registry.catalog()) == {"m", "lora"}  # removed
