@@ -97,8 +97,8 @@ def create_app(
         if services is not None:
             try:
                 yield {"services": services}
-            finally:  # its request-path session was opened on this loop
-                await services.upstream.aclose()
+            finally:  # its sessions were opened on this loop
+                await services.aclose()
             return
         async with Services.open(settings, config_path=config_path, inflight=inflight) as opened:
             yield {"services": opened}

@@ -7,7 +7,7 @@ lists come from ``/v1/models`` (LoRA adapters appear with ``parent`` = base mode
 
 Example::
 
-    checker = HealthChecker(client=client, endpoints=registry, settings=s.health, metrics=m)
+    checker = HealthChecker(client=control, endpoints=registry, settings=s.health, metrics=m)
     await checker.check_once()
 """
 
@@ -16,15 +16,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
 import orjson
 
 from gateway.endpoints import EndpointRegistry, EndpointState, ModelCard
 from gateway.metrics import GatewayMetrics
 from gateway.settings import HealthSettings
+from gateway.upstream import BodyTooLong, Upstream
 
 log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+"""Bigger ``/health`` or ``/v1/models`` answers count as failed probes."""
 
 
 def parse_model_cards(payload: Any) -> list[ModelCard]:
@@ -48,7 +52,7 @@ class HealthChecker:
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
+        client: Upstream,
         endpoints: EndpointRegistry,
         settings: HealthSettings,
         metrics: GatewayMetrics,
@@ -83,18 +87,21 @@ class HealthChecker:
         try:
             with anyio.fail_after(timeout * 2):
                 headers = state.upstream_headers
-                resp = await self._client.get(
-                    f"{state.url}/health", timeout=timeout, headers=headers
+                status, _ = await self._client.get(
+                    f"{state.url}/health", headers=headers, timeout_s=timeout, max_bytes=MAX_BODY
                 )
-                if resp.status_code != 200:
-                    error = f"/health returned {resp.status_code}"
+                if status != 200:
+                    error = f"/health returned {status}"
                 else:
-                    models = await self._client.get(
-                        f"{state.url}/v1/models", timeout=timeout, headers=headers
+                    status, body = await self._client.get(
+                        f"{state.url}/v1/models",
+                        headers=headers,
+                        timeout_s=timeout,
+                        max_bytes=MAX_BODY,
                     )
-                    if models.status_code == 200:
-                        cards = parse_model_cards(orjson.loads(models.content))
-        except (httpx.HTTPError, TimeoutError, orjson.JSONDecodeError) as exc:
+                    if status == 200:
+                        cards = parse_model_cards(orjson.loads(body))
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, BodyTooLong) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if cards is not None:
             state.set_models(cards)

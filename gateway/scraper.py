@@ -15,11 +15,11 @@ mounted prometheus_client app -- with just the asked series (4 KB); enginesim do
 same. An engine without that path (404, 405, a redirect, or a 200 page with no ``vllm:``
 sample) is asked for ``/metrics`` instead from then on, and the parser picks the same
 series out of the whole page. Bodies are asked uncompressed (``accept-encoding:
-identity``): prometheus_client gzips when the client accepts it, and httpx does by default.
+identity``): prometheus_client gzips when the client accepts it.
 
 Example::
 
-    scraper = MetricsScraper(client=client, endpoints=registry, settings=s.routing, metrics=m)
+    scraper = MetricsScraper(client=control, endpoints=registry, settings=s.routing, metrics=m)
     await scraper.scrape_once()
 """
 
@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import urlencode
 
+import aiohttp
 import anyio
-import httpx
 
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.metrics import GatewayMetrics
 from gateway.settings import RoutingSettings
+from gateway.upstream import BodyTooLong, Upstream
 from routing import WANTED_SERIES, MetricsParseError, parse_vllm_metrics
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class MetricsScraper:
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
+        client: Upstream,
         endpoints: EndpointRegistry,
         settings: RoutingSettings,
         metrics: GatewayMetrics,
@@ -64,10 +66,10 @@ class MetricsScraper:
         self._metrics = metrics
         self._limiter = anyio.CapacityLimiter(settings.scrape_concurrency)
         self._filtered = filtered
-        # Per engine id: its filtered URL, built once (httpx re-encodes ``params=`` on every
-        # request, ~0.25 ms for these ~20 names, more than the filter saved on a small page),
-        # or None once the engine showed it has no filtered path.
-        self._filtered_urls: dict[str, httpx.URL | None] = {}
+        # Per engine id: its filtered URL, built once (encoding ``params=`` on every request
+        # cost ~0.25 ms for these ~20 names with httpx, more than the filter saved on a small
+        # page), or None once the engine showed it has no filtered path.
+        self._filtered_urls: dict[str, str | None] = {}
 
     async def run(self) -> None:
         """Scrape forever, one round every ``scrape_interval_s`` (start to start)."""
@@ -98,22 +100,22 @@ class MetricsScraper:
         try:
             with anyio.fail_after(timeout * 2):
                 url, whole = self._filtered_url(state), f"{state.url}/metrics"
-                resp = await self._get(state, url or whole)
+                status, body = await self._get(state, url or whole)
                 if url is not None and (
-                    resp.status_code in _NO_FILTERED_PATH
-                    or (resp.status_code == 200 and b"vllm:" not in resp.content)
+                    status in _NO_FILTERED_PATH or (status == 200 and b"vllm:" not in body)
                 ):
                     self._filtered_urls[state.id] = None
-                    log.info("engine %s: no filtered /metrics/ (%s)", state.id, resp.status_code)
-                    resp = await self._get(state, whole)
-            if resp.status_code != 200:
-                kind = f"http_{resp.status_code}"
-            elif len(resp.content) > MAX_METRICS_BYTES:
-                kind = "too_large"
+                    log.info("engine %s: no filtered /metrics/ (%s)", state.id, status)
+                    status, body = await self._get(state, whole)
+            if status != 200:
+                kind = f"http_{status}"
             else:
-                state.engine.observe_metrics(parse_vllm_metrics(resp.text), at=time.monotonic())
+                text = body.decode("utf-8", "replace")
+                state.engine.observe_metrics(parse_vllm_metrics(text), at=time.monotonic())
                 return True
-        except (httpx.HTTPError, TimeoutError) as exc:
+        except BodyTooLong:
+            kind = "too_large"
+        except (aiohttp.ClientError, TimeoutError) as exc:
             kind = type(exc).__name__
         except MetricsParseError as exc:
             kind = "parse_error"
@@ -121,17 +123,18 @@ class MetricsScraper:
         self._metrics.scrape_errors.labels(endpoint=state.id, kind=kind).inc()
         return False
 
-    def _filtered_url(self, state: EndpointState) -> httpx.URL | None:
+    def _filtered_url(self, state: EndpointState) -> str | None:
         """The engine's filtered-page URL; None when not filtering or it has none."""
         if not self._filtered:
             return None
         if state.id not in self._filtered_urls:
-            self._filtered_urls[state.id] = httpx.URL(f"{state.url}/metrics/", params=SERIES_FILTER)
+            self._filtered_urls[state.id] = f"{state.url}/metrics/?{urlencode(SERIES_FILTER)}"
         return self._filtered_urls[state.id]
 
-    async def _get(self, state: EndpointState, url: httpx.URL | str) -> httpx.Response:
+    async def _get(self, state: EndpointState, url: str) -> tuple[int, bytes]:
         return await self._client.get(
             url,
-            timeout=self._settings.scrape_timeout_s,
             headers={**state.upstream_headers, "accept-encoding": "identity"},
+            timeout_s=self._settings.scrape_timeout_s,
+            max_bytes=MAX_METRICS_BYTES,
         )

@@ -1,8 +1,8 @@
 """The Services container: everything with a lifetime, opened by the app's lifespan.
 
-The request path's :class:`gateway.upstream.Upstream` (aiohttp, chosen by measurement), one
-``httpx.AsyncClient`` for the control plane (health probes and metric scrapes: explicit
-timeouts and pool limits, ``TCP_NODELAY``), the endpoint registry, the router (policies,
+Two :class:`gateway.upstream.Upstream` sessions (aiohttp, chosen by measurement): the
+request path's and the control plane's (health probes and metric scrapes, a small pool of
+its own so long streams never starve probes), the endpoint registry, the router (policies,
 prefix index, VTC counters), the app-owned metrics registry, the health checker, the
 metrics scraper, the KV-event consumers, the proxy and the supervised background tasks.
 Tests build their own and pass it to ``create_app``.
@@ -15,14 +15,12 @@ Example::
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import httpx
 
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.exchange import RequestObserver
@@ -32,43 +30,17 @@ from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.router import Router, RoutingCollector
 from gateway.scraper import MetricsScraper
-from gateway.settings import EngineConfig, ProxySettings, Settings
+from gateway.settings import EngineConfig, Settings
 from gateway.shutdown import InFlight
 from gateway.tasks import supervise
 from gateway.upstream import Upstream
 
 
-def make_client(settings: ProxySettings) -> httpx.AsyncClient:
-    """The control-plane client (probes, scrapes): bounded pool, explicit timeouts,
-    TCP_NODELAY on every socket. A few requests per second per engine, so httpx's per-request
-    pool scan (the reason the request path uses aiohttp) does not matter here."""
-    transport = httpx.AsyncHTTPTransport(
-        limits=httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_keepalive_connections,
-            keepalive_expiry=settings.keepalive_expiry_s,
-        ),
-        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        retries=0,
-    )
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=httpx.Timeout(
-            connect=settings.connect_timeout_s,
-            read=settings.read_timeout_s,
-            write=settings.write_timeout_s,
-            pool=settings.pool_timeout_s,
-        ),
-        follow_redirects=False,
-        trust_env=False,
-    )
-
-
 @dataclass(slots=True)
 class Services:
     settings: Settings
-    client: httpx.AsyncClient
     upstream: Upstream
+    control: Upstream
     endpoints: EndpointRegistry
     router: Router
     metrics: GatewayMetrics
@@ -82,7 +54,6 @@ class Services:
     def build(
         cls,
         settings: Settings,
-        client: httpx.AsyncClient,
         *,
         config_path: Path | None = None,
         observers: tuple[RequestObserver, ...] = (),
@@ -94,10 +65,11 @@ class Services:
         metrics = GatewayMetrics.create(endpoints)
         router = Router(settings, endpoints, metrics)
         metrics.registry.register(RoutingCollector(router))
+        control = Upstream.for_control(settings.proxy)
         health = HealthChecker(
-            client=client, endpoints=endpoints, settings=settings.health, metrics=metrics
+            client=control, endpoints=endpoints, settings=settings.health, metrics=metrics
         )
-        upstream = Upstream(settings.proxy)
+        upstream = Upstream.for_requests(settings.proxy)
         proxy = Proxy(
             upstream=upstream,
             endpoints=endpoints,
@@ -109,14 +81,14 @@ class Services:
         )
         return cls(
             settings=settings,
-            client=client,
             upstream=upstream,
+            control=control,
             endpoints=endpoints,
             router=router,
             metrics=metrics,
             health=health,
             scraper=MetricsScraper(
-                client=client, endpoints=endpoints, settings=settings.routing, metrics=metrics
+                client=control, endpoints=endpoints, settings=settings.routing, metrics=metrics
             ),
             kv_events=KVEventConsumers(endpoints, router),
             proxy=proxy,
@@ -133,8 +105,8 @@ class Services:
         inflight: InFlight | None = None,
     ) -> AsyncIterator[Services]:
         """Client, registry and background tasks for the app's lifetime."""
-        async with make_client(settings.proxy) as client:
-            services = cls.build(settings, client, config_path=config_path, inflight=inflight)
+        services = cls.build(settings, config_path=config_path, inflight=inflight)
+        try:
             await services.health.check_once()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(supervise, "health-checker", services.health.run)
@@ -146,7 +118,13 @@ class Services:
                     yield services
                 finally:
                     tg.cancel_scope.cancel()
-                    await services.upstream.aclose()
+        finally:
+            await services.aclose()
+
+    async def aclose(self) -> None:
+        """Close both HTTP sessions (opened on first use on the serving loop)."""
+        await self.upstream.aclose()
+        await self.control.aclose()
 
 
 def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> EndpointState:

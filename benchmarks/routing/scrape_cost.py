@@ -28,7 +28,8 @@ from benchmarks.routing import launch
 from gateway.endpoints import EndpointRegistry
 from gateway.metrics import GatewayMetrics
 from gateway.scraper import SERIES_FILTER, MetricsScraper
-from gateway.settings import RoutingSettings
+from gateway.settings import ProxySettings, RoutingSettings
+from gateway.upstream import Upstream
 
 MODES = ("filtered", "whole")
 
@@ -49,6 +50,7 @@ async def _measure(urls: list[str], rounds: int, blocks: int) -> dict[str, dict[
     done = dict.fromkeys(MODES, 0)
     failed = dict.fromkeys(MODES, 0)
     limits = httpx.Limits(max_connections=2 * len(urls), max_keepalive_connections=2 * len(urls))
+    control = Upstream.for_control(ProxySettings())
     async with httpx.AsyncClient(timeout=5.0, limits=limits) as client:
         for url in urls:  # observations in every histogram: a page as under load
             await _warm(client, url)
@@ -58,7 +60,7 @@ async def _measure(urls: list[str], rounds: int, blocks: int) -> dict[str, dict[
         for block in range(2 * blocks):
             mode = MODES[block % 2]
             scraper = MetricsScraper(
-                client=client,
+                client=control,
                 endpoints=registry,
                 settings=RoutingSettings(),
                 metrics=metrics,
@@ -71,6 +73,7 @@ async def _measure(urls: list[str], rounds: int, blocks: int) -> dict[str, dict[
                 done[mode] += updated
                 failed[mode] += len(urls) - updated
             cpu[mode] += time.process_time() - started
+    await control.aclose()
     return {
         m: {
             "scrapes": done[m],

@@ -41,7 +41,7 @@ def test_gateway_sets_nodelay_on_accepted_connections(
 @pytest.mark.anyio
 async def test_upstream_client_sets_nodelay(start_engines: StartEngines) -> None:
     ((_, srv),) = start_engines(1)
-    upstream = Upstream(ProxySettings())
+    upstream = Upstream.for_requests(ProxySettings())
     try:
         resp = await upstream.post(
             f"{srv.url}/v1/chat/completions",

@@ -10,7 +10,7 @@ import httpx
 
 from gateway.app import create_app
 from gateway.exchange import FinishedRequest
-from gateway.services import Services, make_client
+from gateway.services import Services
 from tests.gateway.conftest import StartEngines, StartGateway, gateway_settings
 from tests.gateway.servers import ServerThread, wait_until
 
@@ -31,7 +31,7 @@ def test_observer_sees_every_finished_request(
     ((_, srv),) = start_engines(1)
     settings = gateway_settings([srv.url])
     recorder = Recorder()
-    services = Services.build(settings, make_client(settings.proxy), observers=(recorder,))
+    services = Services.build(settings, observers=(recorder,))
     for state in services.endpoints:
         state.record_probe(True, fail_threshold=1, success_threshold=1)
     gw = stack.enter_context(ServerThread(create_app(settings, services=services)))
