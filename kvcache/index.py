@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = ["IndexStats", "PrefixIndex"]
@@ -80,6 +80,7 @@ class PrefixIndex:
         # hash -> {endpoint: stored_at}; order = last store.
         self._precise: OrderedDict[int, dict[str, float]] = OrderedDict()
         self._precise_endpoints: set[str] = set()
+        self._prefix_closed = True  # no holes cut by remove(): match may binary-search
         self._approx_pairs = 0
         self._precise_pairs = 0
         self._evicted_budget = 0
@@ -96,6 +97,7 @@ class PrefixIndex:
 
     def remove(self, endpoint: str, hashes: Iterable[int]) -> None:
         """Forget approximate entries of ``endpoint`` for these hashes (e.g. a failed request)."""
+        self._prefix_closed = False  # holes possible: match walks from now on
         for h in hashes:
             self._approx_pairs -= _discard(self._approx, h, endpoint)
 
@@ -129,26 +131,25 @@ class PrefixIndex:
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """Endpoint -> number of *leading* blocks of ``hashes`` it is believed to hold.
 
-        Endpoints holding no leading block are absent. Cost: O(matched blocks x holders).
+        Endpoints holding no leading block are absent. ``hashes`` is a chain (each hash names
+        its whole prefix). With only approximate entries recorded by :meth:`insert`, an
+        endpoint's blocks of a chain form a prefix of it (a chain is recorded whole, head
+        most recent, so expiry and the budget take tails first), and each holder's length is
+        found by binary search: O(holders x log blocks). Once :meth:`remove` has cut holes,
+        or with KV-event entries, a walk checking every pair: O(matched blocks x holders).
         """
         if not hashes:
             return {}
         now = self._clock()
         self._expire(now)
-        result: dict[str, int] = {}
         candidates = self._holders(hashes[0], now)
-        fast = not self._precise_endpoints  # only approximate entries: no per-pair checks
-        approx = self._approx
+        if not self._precise_endpoints and self._prefix_closed:
+            return {e: _held_prefix(self._approx, hashes, e) for e in candidates}
+        result: dict[str, int] = {}
         for i in range(1, len(hashes)):
             if not candidates:
                 return result
-            if fast:
-                entry = approx.get(hashes[i])
-                if entry is not None and candidates <= entry.keys():
-                    continue  # the common case: every candidate holds this block too
-                holders = set() if entry is None else set(entry)
-            else:
-                holders = self._holders(hashes[i], now)
+            holders = self._holders(hashes[i], now)
             lost = candidates - holders
             if lost:
                 for endpoint in lost:
@@ -228,6 +229,22 @@ def _record(
         holders[endpoint] = now
         table.move_to_end(h)
     return added
+
+
+def _held_prefix(
+    table: Mapping[int, dict[str, float]], hashes: Sequence[int], endpoint: str
+) -> int:
+    """How many leading ``hashes`` ``endpoint`` holds, given it holds the first and its
+    blocks of the chain form a prefix of it (binary search)."""
+    lo, hi = 1, len(hashes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        holders = table.get(hashes[mid])
+        if holders is not None and endpoint in holders:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 def _discard(table: OrderedDict[int, dict[str, float]], h: int, endpoint: str) -> int:

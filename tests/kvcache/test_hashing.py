@@ -79,3 +79,10 @@ def test_block_size_must_be_positive() -> None:
         hash_token_blocks([1, 2], 0, model="m")
     with pytest.raises(ValueError, match="block_size"):
         hash_byte_blocks(b"ab", 0, model="m")
+
+
+def test_byte_chain_covers_the_whole_prefix() -> None:
+    a = hash_byte_blocks(b"a" * 32 + b"b" * 32, 32, model="m")
+    b = hash_byte_blocks(b"z" * 32 + b"b" * 32, 32, model="m")
+    assert a[1] != b[1], "same second block under a different first block must differ"
+    assert hash_byte_blocks(b"a" * 64, 32, model="m") != hash_byte_blocks(b"a" * 64, 32, model="n")

@@ -27,7 +27,7 @@ def make(**kw: float) -> tuple[PrefixIndex, Clock]:
         ([("a", [1, 2, 3])], [], {}),
         ([("a", [1, 2, 3])], [1, 2, 3], {"a": 3}),
         ([("a", [1, 2, 3])], [1, 2, 3, 4, 5], {"a": 3}),
-        ([("a", [1, 2, 3])], [1, 9, 3], {"a": 1}),
+        ([("a", [1, 2, 3])], [1, 9, 8], {"a": 1}),  # diverges after the first block
         ([("a", [1, 2, 3])], [2, 3], {"a": 2}),  # chained: a hash names its whole prefix
         ([("a", [1, 2, 3]), ("b", [1, 2])], [1, 2, 3], {"a": 3, "b": 2}),
         ([("a", [1]), ("b", [1, 2, 3, 4])], [1, 2, 3, 4], {"a": 1, "b": 4}),
@@ -42,6 +42,20 @@ def test_match_counts_leading_blocks(
     for endpoint, hashes in inserts:
         index.insert(endpoint, hashes)
     assert index.match(query) == expected
+
+
+def test_binary_search_agrees_with_the_walk_on_chains() -> None:
+    # Chains of a tree of prompts: shared heads, diverging tails, several holders.
+    index, _ = make()
+    walk, _ = make()
+    walk.enable_precise("nobody")  # any event-fed endpoint makes match walk every pair
+    chains = {"a": [1, 2, 3, 4, 5], "b": [1, 2, 6, 7], "c": [1, 8]}
+    for endpoint, chain in chains.items():
+        for n in range(1, len(chain) + 1):
+            index.insert(endpoint, chain[:n])
+            walk.insert(endpoint, chain[:n])
+    for query in ([1, 2, 3, 4, 5, 9], [1, 2, 6, 7, 10], [1, 8, 11], [1, 2, 12], [1], [9]):
+        assert index.match(query) == walk.match(query), query
 
 
 def test_remove_and_drop_endpoint() -> None:
