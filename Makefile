@@ -8,7 +8,7 @@ ENGINES ?= 4
 # The real vLLM engine lives in a cached venv outside the repository (3.5 GB; see docs/enginesim.md).
 REAL_ENGINE_HOME ?= $(HOME)/.cache/switchyard/real-engine
 
-.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing bench-overhead clean
+.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing bench-overhead bench-profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench-routing: $(STAMP)
 bench-overhead: $(STAMP)
 	PY=$(PY) bash scripts/bench_tools.sh
 	$(PY) -m benchmarks.overhead $(BENCH_ARGS)
+
+# py-spy top-10 of the gateway at c=32 on zero-delay engines (PROFILE_ARGS=--before-rev REV)
+bench-profile: $(STAMP)
+	PY=$(PY) bash scripts/bench_tools.sh
+	$(PY) -m benchmarks.overhead.profile $(PROFILE_ARGS)
 
 # Prefix-cache vs round-robin routing through the gateway in front of two real vLLM CPU engines.
 bench-real-routing: $(STAMP)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Tools for `make bench-overhead` (benchmarks/overhead): wrk and nginx from apt when missing,
-# matplotlib (the project's `bench` extra) in the project venv, then the peer routers
+# matplotlib and py-spy (the project's `bench` extra) in the project venv, then the peer routers
 # (scripts/peers/install.sh, their own venvs). A peer that fails to install is skipped by the
 # benchmark with a message, so a failed peer install does not stop the run.
 set -euo pipefail
@@ -17,6 +17,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
-"$PY" -c "import matplotlib" 2>/dev/null || "$PY" -m pip install -q -e '.[bench]'
+{ "$PY" -c "import matplotlib" 2>/dev/null && [ -x "$(dirname "$PY")/py-spy" ]; } \
+  || "$PY" -m pip install -q -e '.[bench]'
 
 bash scripts/peers/install.sh || echo "bench tools: some peers did not install (skipped in the run)" >&2

@@ -135,3 +135,19 @@ def test_median_ratio_cpu():
     assert ratio(1.0, 4.0) == 0.25 and ratio(1.0, 0.0) is None and ratio(None, 1.0) is None
     assert cpu_us_per_request(0.5, 1000) == pytest.approx(500.0)
     assert cpu_us_per_request(0.5, 0) is None
+
+
+def test_profile_parse_raw_leaves_out_the_idle_loop() -> None:
+    from benchmarks.overhead.profile import parse_raw
+
+    text = (
+        "<module> (switchyard:8);Runner.run (asyncio/runners.py:118) 50\n"
+        "Exchange.run (gateway/proxy.py:160);Upstream.post (gateway/upstream.py:80) 30\n"
+        "RequestResponseCycle.send (uvicorn/protocols/http/httptools_impl.py:542) 15\n"
+        "Upstream.post (gateway/upstream.py:80) 5\n"
+        "garbage line\n"
+    )
+    funcs, packages, busy = parse_raw(text)
+    assert busy == 50
+    assert funcs.most_common(1) == [("Upstream.post (gateway/upstream.py)", 35)]
+    assert packages == {"gateway": 35, "uvicorn": 15}
