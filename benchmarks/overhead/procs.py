@@ -14,16 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from benchmarks.overhead.harness import ProcStat, group_totals, parse_proc_stat
+from benchmarks.routing import launch
 
 OFFLINE_ENV = {
-    "HF_ENDPOINT": "http://127.0.0.1:9",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "NO_COLOR": "1",
+    **launch.OFFLINE_ENV,
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
     "NO_PROXY": "127.0.0.1,localhost",
 }
@@ -31,8 +26,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-class LaunchError(RuntimeError):
-    """A process did not start or did not become ready in time (see its log)."""
+LaunchError = launch.LaunchError
 
 
 def free_ports(n: int) -> list[int]:
@@ -132,21 +126,7 @@ def wait_ready(
     headers: dict[str, str] | None = None,
 ) -> None:
     """Poll ``url`` until it answers 200, the process dies, or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
-        while True:
-            if not proc.alive():
-                raise LaunchError(f"{proc.name} exited:\n{proc.tail()}")
-            if time.monotonic() > deadline:
-                proc.stop()
-                raise LaunchError(f"{proc.name} not ready after {timeout_s:.0f}s:\n{proc.tail()}")
-            try:
-                r = client.request(method, url, json=json, headers=headers)
-                if r.status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    launch.wait_ready(proc, [url], timeout_s=timeout_s, method=method, json=json, headers=headers)
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import yaml
@@ -110,19 +111,42 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | N
     return Proc(name=name, popen=popen, log=log)
 
 
-def wait_ready(proc: Proc, urls: Sequence[str], *, timeout_s: float) -> None:
-    """Poll every URL until it answers 200, the process dies, or ``timeout_s`` passes."""
+class Waitable(Protocol):
+    """What :func:`wait_ready` needs of a started process (this module's and the overhead
+    benchmark's :class:`Proc`)."""
+
+    name: str
+
+    def alive(self) -> bool: ...
+
+    def stop(self, grace_s: float = 5.0) -> None: ...
+
+    def tail(self, n: int = 20) -> str: ...
+
+
+def wait_ready(
+    proc: Waitable,
+    urls: Sequence[str],
+    *,
+    timeout_s: float,
+    method: str = "GET",
+    json: object | None = None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Ask every URL until it answers 200 (in order), the process dies, or ``timeout_s``
+    passes; a process that never got ready is stopped."""
     deadline = time.monotonic() + timeout_s
     pending = list(urls)
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
         while pending:
             if not proc.alive():
-                raise LaunchError(f"{proc.name} exited: {proc.tail()}")
+                raise LaunchError(f"{proc.name} exited:\n{proc.tail()}")
             if time.monotonic() > deadline:
                 proc.stop()
-                raise LaunchError(f"{proc.name} not ready after {timeout_s}s: {proc.tail()}")
+                raise LaunchError(f"{proc.name} not ready after {timeout_s:g}s:\n{proc.tail()}")
             try:
-                if client.get(pending[0]).status_code == 200:
+                r = client.request(method, pending[0], json=json, headers=headers)
+                if r.status_code == 200:
                     pending.pop(0)
                     continue
             except httpx.HTTPError:

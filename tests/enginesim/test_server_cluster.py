@@ -24,6 +24,7 @@ from tests.enginesim.server_harness import (
     running_cluster,
     sample_value,
 )
+from tests.processes import reap
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,11 +97,7 @@ def test_python_m_enginesim_serves_and_exits_cleanly_on_sigterm() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        reap(proc)
 
 
 def test_python_m_enginesim_exits_1_when_its_port_is_taken() -> None:

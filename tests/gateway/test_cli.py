@@ -14,6 +14,7 @@ import httpx
 
 from tests.gateway.conftest import StartEngines
 from tests.gateway.servers import wait_until
+from tests.processes import reap
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
@@ -67,11 +68,7 @@ def test_serve_with_config_reload_and_ctrl_c(start_engines: StartEngines, tmp_pa
         assert any(r["request_id"] == first.headers["x-request-id"] for r in access)
         assert any("POST /v1/chat/completions 200" in r["message"] for r in access)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        reap(proc)
 
 
 def _worker_pids(proc: subprocess.Popen[str], want: int) -> dict[int, int]:
@@ -129,11 +126,7 @@ def test_serve_workers_share_the_port_restart_and_stop(
         assert proc.wait(timeout=30) == 0
         assert not _alive(pids[1]) and not _alive(restarted[0])
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        reap(proc)
 
 
 def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:
@@ -201,8 +194,4 @@ def test_ctrl_c_ends_inflight_streams_cleanly(start_engines: StartEngines, tmp_p
         output = proc.stdout.read()
         assert "Traceback" not in output and "ERROR" not in output, output
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        reap(proc)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.gateway.test_cli import SWITCHYARD
+from tests.processes import reap
 
 
 def _banner(proc: subprocess.Popen[str]) -> str:
@@ -48,10 +49,6 @@ def test_up_prints_a_snippet_that_works_and_ctrl_c_stops_cleanly(tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        reap(proc)
         log.close()
     assert "Traceback" not in (tmp_path / "up.log").read_text()

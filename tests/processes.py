@@ -1,0 +1,16 @@
+"""Helpers for tests that run the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+
+def reap(proc: subprocess.Popen[Any]) -> None:
+    """A test's ``finally``: kill ``proc`` if it still runs, then close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
