@@ -69,12 +69,15 @@ class ServerSettings(_Section):
 
 
 class ProxySettings(_Section):
+    """The upstream sessions (:mod:`gateway.upstream`). ``write_timeout_s`` and
+    ``max_keepalive_connections`` went with httpx: aiohttp has neither (the request body is
+    bounded by ``total_timeout_s``; idle connections by ``max_connections`` and
+    ``keepalive_expiry_s``), and a setting that does nothing is refused, not ignored."""
+
     connect_timeout_s: float = Field(default=2.0, gt=0)
     read_timeout_s: float = Field(default=300.0, gt=0)
-    write_timeout_s: float = Field(default=30.0, gt=0)
     pool_timeout_s: float = Field(default=5.0, gt=0)
     max_connections: int = Field(default=1024, gt=0)
-    max_keepalive_connections: int = Field(default=256, ge=0)
     keepalive_expiry_s: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=2, ge=1, le=8)
     # A stream still waiting for its first token after this long is committed to its engine
