@@ -78,9 +78,8 @@ class RequestIdMiddleware:
             reset_request_id(token)
 
 
-def declared_too_large(scope: Scope, limit: int) -> BodyTooLarge | None:
-    """The 413 for a ``content-length`` over ``limit``, else None."""
-    declared = _header(scope, b"content-length")
+def declared_too_large(declared: bytes | None, limit: int) -> BodyTooLarge | None:
+    """The 413 for a ``content-length`` header value over ``limit``, else None."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return BodyTooLarge(f"request body is {int(declared)} bytes; the limit is {limit}")
     return None
@@ -115,7 +114,7 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_bytes
-        refused = declared_too_large(scope, limit)
+        refused = declared_too_large(_header(scope, b"content-length"), limit)
         if refused is not None:
             await send_error(send, refused)
             return

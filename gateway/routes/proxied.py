@@ -58,9 +58,9 @@ class ProxiedRoutes:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed here")
             with self.guard:
-                headers = {bytes(k): bytes(v) for k, v in scope["headers"]}
+                headers: dict[bytes, bytes] = dict(scope["headers"])
                 check_key(services, _text(headers.get(b"authorization")))
-                refused = declared_too_large(scope, self.max_body_bytes)
+                refused = declared_too_large(headers.get(b"content-length"), self.max_body_bytes)
                 if refused is not None:
                     raise refused
                 body = await read_body(receive, self.max_body_bytes)
