@@ -208,27 +208,28 @@ class Exchange:
     async def _end(self, exc: GatewayError) -> None:
         """The deadline or the shutdown cut the exchange: an envelope if nothing was sent,
         else one SSE error event (a non-SSE body is left cut: the client sees it incomplete)."""
-        self.outcome = "gateway_shutdown" if isinstance(exc, ShuttingDown) else "upstream_error"
+        shutdown = isinstance(exc, ShuttingDown)
         if not self.started:
             self.status = exc.status
-            if not isinstance(exc, ShuttingDown):
-                self.outcome = "gateway_error"
+            self.outcome = "gateway_shutdown" if shutdown else "gateway_error"
             await self.send_error(exc)
-        elif self.sse:
+            return
+        self.outcome = "gateway_shutdown" if shutdown else "upstream_error"
+        if self.sse:
             await self.send({"type": "http.response.body", "body": sse_error_event(exc)})
 
     async def _attempts(self) -> None:
-        plan, proxy = self.plan, self.proxy
+        plan, proxy, route = self.plan, self.proxy, self.plan.route
         ranked = plan.decision.ranked[: proxy.settings.max_attempts]
         last_exc: GatewayError = NoHealthyEndpoint("no engine could take the request")
-        placed = is_placement(plan.route, (s.id for s in plan.decision.ranked))
+        placed = is_placement(route, (s.id for s in plan.decision.ranked))
         for index, snap in enumerate(ranked):
             state = proxy.endpoints.get(snap.id)
             if state is None:  # removed since the decision
                 continue
             if index:
                 proxy.metrics.retries.labels(model=plan.model_label).inc()
-            route = plan.route
+            last = index == len(ranked) - 1
             lease = state.lease(
                 prompt_tokens=route.prompt_tokens,
                 max_tokens=route.max_tokens,
@@ -239,7 +240,7 @@ class Exchange:
             attempt = Attempt(self, lease)
             with lease:
                 try:
-                    if not await attempt.open(last=index == len(ranked) - 1):
+                    if not await attempt.open(last=last):
                         continue  # a retryable status: the next engine
                     first = await attempt.first_chunk()
                 except UpstreamError as exc:
@@ -249,7 +250,7 @@ class Exchange:
                         await self.end_stream(state, exc)
                         return
                     last_exc = exc
-                    if exc.retryable and index < len(ranked) - 1:
+                    if exc.retryable and not last:
                         continue
                     raise
                 try:

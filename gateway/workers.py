@@ -92,23 +92,18 @@ class _Supervisor:
     def __init__(
         self, settings: Settings, config_path: Path | None, sock: socket.socket, workers: int
     ) -> None:
-        self._start: Callable[[int], BaseProcess] = partial(
-            self._spawn, settings, config_path, sock
-        )
+        self._worker_args = (settings, config_path, sock)
         self._procs: dict[int, BaseProcess] = {}
         self._workers = workers
         self._restarts: list[float] = []
         self._stopping = False
         self._grace = settings.server.graceful_shutdown_s + BACKSTOP_S + 2.0
 
-    @staticmethod
-    def _spawn(
-        settings: Settings, config_path: Path | None, sock: socket.socket, index: int
-    ) -> BaseProcess:
+    def _start(self, index: int) -> BaseProcess:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=_worker_main,
-            args=(settings, config_path, sock, index),
+            args=(*self._worker_args, index),
             name=f"switchyard-worker-{index}",
         )
         proc.start()
