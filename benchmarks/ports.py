@@ -4,6 +4,7 @@ A leaf module (standard library only), so both ``benchmarks/`` and ``tests/`` ca
 
     port = free_port()
     base = free_port_block(4)  # base, base + 1, base + 2, base + 3 were all free
+    engine, gateway = free_ports(2)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
-__all__ = ["free_port", "free_port_block"]
+__all__ = ["free_port", "free_port_block", "free_ports"]
 
 HOST = "127.0.0.1"
 # Blocks come from below Linux's ephemeral range (32768-60999): there, client sockets of a busy
@@ -41,6 +42,12 @@ def free_port_block(n: int) -> int:
         if base + n <= BLOCK_RANGE.stop and _all_free(base, n):
             return base
     raise OSError(f"no block of {n} free ports on {HOST}")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1 (a block from :func:`free_port_block`)."""
+    base = free_port_block(n)
+    return list(range(base, base + n))
 
 
 def _all_free(base: int, n: int) -> bool:

@@ -23,10 +23,11 @@ from pathlib import Path
 from rich.console import Console
 
 from benchmarks.overhead.contenders import Running, Starter, _ready
-from benchmarks.overhead.procs import free_ports, spawn
+from benchmarks.overhead.procs import spawn
 from benchmarks.overhead.regimes import CHAT, FULL, QUICK, STREAM64, Regime
 from benchmarks.overhead.report import hardware, print_tables, summarize
 from benchmarks.overhead.runner import cells_json, run_regime
+from benchmarks.ports import free_ports
 
 WORKLOADS = (
     Regime("c", "client comparison: zero-delay engines, c=32", 0, (32,), CHAT, tokens=64),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.overhead.procs import LaunchError, Proc, free_ports, spawn, wait_ready
+from benchmarks.overhead.procs import LaunchError, Proc, spawn, wait_ready
+from benchmarks.ports import free_ports
 
 PEERS_HOME = Path.home() / ".cache" / "switchyard" / "peers"
 REPO = Path(__file__).resolve().parents[2]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,18 +26,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 LaunchError = launch.LaunchError
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (asked of the kernel; racy but fine here)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def proc_stats() -> list[ProcStat]:

@@ -20,8 +20,9 @@ import httpx
 from benchmarks.overhead.contenders import Running, Skip, Starter
 from benchmarks.overhead.harness import cpu_us_per_request, median
 from benchmarks.overhead.load import CHAT_PATH, Script, run_wrk, ttft_probe
-from benchmarks.overhead.procs import LaunchError, Proc, Sampler, free_ports, spawn, wait_ready
+from benchmarks.overhead.procs import LaunchError, Proc, Sampler, spawn, wait_ready
 from benchmarks.overhead.regimes import Preset, Regime
+from benchmarks.ports import free_ports
 
 Say = Callable[[str], None]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ports import free_port, free_port_block
+from benchmarks.ports import free_port, free_port_block, free_ports
 from benchmarks.routing import launch
 
 
@@ -20,6 +20,18 @@ def test_free_port_block_is_bindable(n: int) -> None:
         for p in range(base, base + n):
             s = socket.socket()
             socks.append(s)
+            s.bind(("127.0.0.1", p))
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    socks = [socket.socket() for _ in ports]
+    try:
+        for s, p in zip(socks, ports, strict=True):
             s.bind(("127.0.0.1", p))
     finally:
         for s in socks:
