@@ -8,7 +8,7 @@ ENGINES ?= 4
 # The real vLLM engine lives in a cached venv outside the repository (3.5 GB; see docs/enginesim.md).
 REAL_ENGINE_HOME ?= $(HOME)/.cache/switchyard/real-engine
 
-.PHONY: run test lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing bench-overhead bench-profile clean
+.PHONY: run test services lint typecheck unit test-engine calibrate bench-engine bench-routing bench-real-routing bench-overhead bench-profile clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,10 @@ COV_FLOOR_ROUTING ?= 99
 COV_FLOOR_KVCACHE ?= 99
 COV_FLOOR_GATEWAY ?= 90
 
-unit: $(STAMP)
+services:
+	bash scripts/services.sh
+
+unit: $(STAMP) services
 	rm -f .coverage .coverage.*
 	$(PY) -m pytest -m "not real_engine" -p no:cacheprovider \
 		--cov=routing --cov=kvcache --cov=gateway --cov-report=

@@ -149,6 +149,101 @@ class RoutingSettings(_Section):
         return self
 
 
+class ApiKeyConfig(_Section):
+    """One client key with what it may use. ``models``/``adapters`` omitted = all; limits
+    omitted = none. ``name`` labels the key in the admin API and logs (never the key)."""
+
+    key: SecretStr
+    name: str | None = None
+    models: tuple[str, ...] | None = None
+    adapters: tuple[str, ...] | None = None
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    # Limits for each distinct ``user`` field sent with this key.
+    user_rpm: int | None = Field(default=None, gt=0)
+    user_tpm: int | None = Field(default=None, gt=0)
+    tenant: str | None = None
+    # Admission priority when engines are busy: higher waits less (the tenant's if unset).
+    priority: int | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 8:
+            raise ValueError("an API key must have at least 8 characters")
+        return value
+
+
+class TenantConfig(_Section):
+    """Limits shared by every key of a tenant, and its admission priority."""
+
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    priority: int = 0
+
+
+class LimitSettings(_Section):
+    """RPM/TPM enforcement (:mod:`gateway.ratelimit`). A per-minute limit is enforced over a
+    sliding window: at most ``limit`` in any ``window_s``-second window, scaled by
+    ``window_s / 60`` (the default 60 lets a full minute's quota go as one burst; a shorter
+    window is a smoother rate: rpm 600 with ``window_s`` 6 admits 60 per 6 s).
+    TPM reserves the prompt estimate + ``max_tokens`` (``default_max_tokens`` when absent)
+    before the call and settles with the engine's ``usage`` after it."""
+
+    window_s: float = Field(default=60.0, gt=0, le=3600)
+    default_max_tokens: int = Field(default=1024, gt=0)
+    # Fair share when Redis is down: each replica enforces limit / replicas locally. The
+    # live count comes from the replicas' heartbeats in Redis; this is the count used
+    # before any heartbeat was seen.
+    replicas: int = Field(default=1, ge=1)
+
+
+class RedisSettings(_Section):
+    """The client of ``redis_url``: every call on the request path is bounded by
+    ``timeout_s``; after a failure Redis is treated as down (local fallbacks) and retried
+    every ``retry_s``. ``key_prefix`` namespaces every key this gateway writes."""
+
+    timeout_s: float = Field(default=0.05, gt=0, le=5)
+    retry_s: float = Field(default=1.0, gt=0)
+    max_connections: int = Field(default=16, gt=0)
+    key_prefix: str = "switchyard:"
+    # Shared routing state (in-flight counts, prefix index, VTC) is exchanged this often;
+    # it is also the staleness replicas see of each other's routing.
+    sync_interval_s: float = Field(default=0.05, gt=0)
+    # API keys created through the admin API are re-read this often (revocation delay).
+    keys_refresh_s: float = Field(default=1.0, gt=0)
+
+
+class AdmissionSettings(_Section):
+    """Concurrency caps with a bounded priority wait queue instead of an instant 503.
+    ``max_per_engine`` caps the gateway's requests in flight on one engine (across replicas
+    when Redis shares the counts; None = no cap); ``max_in_flight`` caps proxied requests in
+    flight in this process. A request that finds no room waits up to ``queue_timeout_s`` in a
+    queue of at most ``queue_size``, higher priority first, then gets 503 with retry-after."""
+
+    max_per_engine: int | None = Field(default=None, gt=0)
+    max_in_flight: int | None = Field(default=None, gt=0)
+    queue_size: int = Field(default=1024, ge=0)
+    queue_timeout_s: float = Field(default=10.0, ge=0)
+
+
+class OutlierSettings(_Section):
+    """Passive outlier ejection and the retry budget (:mod:`gateway.outliers`)."""
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    base_ejection_s: float = Field(default=5.0, gt=0)
+    max_ejection_s: float = Field(default=300.0, gt=0)
+    # Never eject more than this share of the engines (the rest keep serving).
+    max_ejected_fraction: float = Field(default=0.5, ge=0, le=1)
+    # Retries are allowed while they stay under ratio x requests of the last window_s
+    # (plus min_retries_per_s x window_s, so a quiet gateway may still retry).
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
+    retry_budget_min_per_s: float = Field(default=1.0, ge=0)
+    retry_budget_window_s: float = Field(default=10.0, gt=0)
+    # An engine whose TTFT EWMA exceeds slow_factor x the fleet median is marked slow.
+    slow_factor: float = Field(default=3.0, gt=1)
+
+
 class HealthSettings(_Section):
     interval_s: float = Field(default=2.0, gt=0)
     timeout_s: float = Field(default=1.0, gt=0)
@@ -172,8 +267,20 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     engines: tuple[EngineConfig, ...] = ()
     admin_enabled: bool = True
-    # Client API keys; empty means no authentication (the local default).
-    api_keys: tuple[SecretStr, ...] = ()
+    # Client API keys: plain strings (every model, no limits) or ApiKeyConfig mappings.
+    # Empty, with no redis_url key store in use, means no authentication (the local default).
+    api_keys: tuple[SecretStr | ApiKeyConfig, ...] = ()
+    # The admin API's own key (never a client key). Unset: the admin API is open only when
+    # no client keys are configured (the local default), else refused.
+    admin_key: SecretStr | None = None
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    limits: LimitSettings = LimitSettings()
+    admission: AdmissionSettings = AdmissionSettings()
+    outliers: OutlierSettings = OutlierSettings()
+    # redis://host:port/db (rediss://, redis+sentinel:// not supported; see README): replicas
+    # share keys, limits and routing state through it. Unset: everything stays in memory.
+    redis_url: str | None = None
+    redis: RedisSettings = RedisSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 

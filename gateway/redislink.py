@@ -1,0 +1,185 @@
+"""The gateway's one Redis client and its health: a circuit breaker in front of redis-py.
+
+Everything that shares state across replicas (keys, limits, routing state) goes through
+:meth:`RedisLink.call`. Every call is bounded by ``redis.timeout_s`` (socket timeouts and an
+outer deadline; redis-py's own retries are off: a retry is the caller's decision). The first
+failure opens the breaker: callers get ``None`` at once and fall back to local state, and a
+background probe (``PING`` every ``retry_s``) closes it again when Redis answers, so a gateway
+recovers without a restart. Health is exported (``switchyard_redis_up``,
+``switchyard_redis_errors_total``) and shown in ``/ready`` (never the URL's password).
+
+Without ``redis_url`` there is no link at all (``Services.redis`` is None).
+
+Example::
+
+    link = RedisLink.from_url("redis://127.0.0.1:6379/0", settings.redis)
+    value = await link.call("get", lambda r: r.get(link.key("x")))   # None when down
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from gateway.settings import RedisSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+__all__ = ["RedisCollector", "RedisLink", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for logs and ``/ready``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+class RedisLink:
+    """One redis-py asyncio client with a breaker (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: RedisSettings,
+        *,
+        url: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.url = redact_url(url)
+        self.prefix = settings.key_prefix
+        self._clock = clock
+        self.up = True  # optimistic until the first call says otherwise
+        self.last_error: str | None = None
+        self.down_since: float | None = None
+        self.errors: dict[str, int] = {}
+        self.transitions = 0
+        self._listeners: list[Callable[[bool], None]] = []
+
+    @classmethod
+    def from_url(cls, url: str, settings: RedisSettings) -> RedisLink:
+        client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=settings.timeout_s,
+            socket_connect_timeout=settings.timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            max_connections=settings.max_connections,
+            health_check_interval=0,
+        )
+        return cls(client, settings, url=url)
+
+    def key(self, *parts: str) -> str:
+        """A key in this gateway's namespace: ``<key_prefix><part>:<part>...``."""
+        return self.prefix + ":".join(parts)
+
+    def on_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(up)`` whenever the link goes down or comes back."""
+        self._listeners.append(listener)
+
+    async def call(self, op: str, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T | None:
+        """``await fn(client)`` within ``timeout_s``; None (and the breaker opens) on any
+        Redis error or timeout, or at once while the breaker is open."""
+        if not self.up:
+            return None
+        try:
+            async with asyncio.timeout(self.settings.timeout_s * 2):
+                return await fn(self.client)
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            self.failed(op, exc)
+            return None
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """Count a failed call and open the breaker (callers that ran their own call)."""
+        self.errors[op] = self.errors.get(op, 0) + 1
+        self.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        if self.up:
+            self.up = False
+            self.down_since = self._clock()
+            self.transitions += 1
+            log.warning("redis %s is unavailable (%s); serving on local state", self.url,
+                        self.last_error)  # fmt: skip
+            self._notify(False)
+
+    async def probe(self) -> bool:
+        """One ``PING``; closes the breaker when it answers."""
+        try:
+            async with asyncio.timeout(self.settings.timeout_s * 2):
+                await self.client.ping()
+        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+            self.failed("ping", exc)
+            return False
+        if not self.up:
+            self.up = True
+            self.down_since = None
+            self.transitions += 1
+            log.warning("redis %s is back; shared state resumes", self.url)
+            self._notify(True)
+        return True
+
+    async def run(self) -> None:
+        """Background: probe every ``retry_s`` (also while up, so an idle gateway notices)."""
+        while True:
+            await self.probe()
+            await asyncio.sleep(self.settings.retry_s)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/ready``: up or degraded, since when, the last error (no secrets)."""
+        out: dict[str, Any] = {"url": self.url, "status": "up" if self.up else "degraded"}
+        if not self.up and self.down_since is not None:
+            out["down_for_s"] = round(self._clock() - self.down_since, 3)
+            out["last_error"] = self.last_error
+        return out
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _notify(self, up: bool) -> None:
+        for listener in self._listeners:
+            try:
+                listener(up)
+            except Exception:
+                log.exception("redis state listener failed")
+
+
+class RedisCollector(Collector):
+    """``switchyard_redis_up`` and ``switchyard_redis_errors_total{op}``, read at scrape."""
+
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "switchyard_redis_up",
+            "1 while Redis answers, 0 while the gateway serves on local state",
+            value=1.0 if self._link.up else 0.0,
+        )
+        errors = CounterMetricFamily(
+            "switchyard_redis_errors", "Failed Redis calls by operation", labels=["op"]
+        )
+        for op, n in sorted(self._link.errors.items()):
+            errors.add_metric([op], n)
+        yield errors
+        yield CounterMetricFamily(
+            "switchyard_redis_transitions",
+            "Times the Redis link went down or came back",
+            value=self._link.transitions,
+        )

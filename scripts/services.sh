@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs the services the test suite starts itself (a real redis-server per test) when
+# they are missing; Debian packages, as root (CI and the developers' machines) or via sudo.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+echo "installing ${need[*]} (apt)"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
