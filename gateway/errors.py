@@ -3,16 +3,21 @@
 ::
 
     GatewayError (500 server_error)
-    ├── Overloaded                  503  code=server_is_overloaded  (concurrency guard)
-    ├── ShuttingDown                503  code=shutting_down         (drain after Ctrl-C)
+    ├── Overloaded                  503  code=server_is_overloaded  (concurrency guard, shed
+    │   │                                                            from the admission queue)
+    │   └── ShuttingDown            503  code=shutting_down         (drain after Ctrl-C)
     ├── ClientError (400 invalid_request_error)
     │   ├── InvalidJSON             400  code=invalid_json
     │   ├── InvalidField            400  code=invalid_value, param set
     │   ├── Unauthorized            401  code=invalid_api_key
+    │   ├── PermissionDenied        403  code=permission_denied  (a client key on the admin API)
     │   ├── NotFound                404  code=not_found          (unknown route/engine id)
     │   ├── ModelNotFound           404  code=model_not_found
     │   ├── MethodNotAllowed        405  code=method_not_allowed
-    │   └── BodyTooLarge            413  code=request_too_large
+    │   ├── BodyTooLarge            413  code=request_too_large
+    │   └── RateLimited             429  type=rate_limit_error code=rate_limit_exceeded
+    │                                    (retry-after, retry-after-ms, x-ratelimit-*, and
+    │                                    x-should-retry: false when waiting cannot help)
     └── UpstreamError (502 server_error)
         ├── UpstreamUnavailable     502  code=upstream_unavailable   (connect refused/reset)
         ├── UpstreamProtocolError   502  code=bad_upstream_response
@@ -28,6 +33,7 @@ the gateway's own failures use these classes. The request path's client errors (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -64,8 +70,19 @@ class Overloaded(GatewayError):
     type = "service_unavailable_error"
     code = "server_is_overloaded"
 
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
     def headers(self) -> dict[str, str]:
-        return {"retry-after": "1", "retry-after-ms": "1000"}
+        return retry_after_headers(self.retry_after_s)
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """``retry-after`` (whole seconds, rounded up, at least 1) and the exact ``retry-after-ms``
+    (the openai SDK reads the latter first)."""
+    ms = max(1, math.ceil(seconds * 1000.0))
+    return {"retry-after": str(max(1, math.ceil(ms / 1000.0))), "retry-after-ms": str(ms)}
 
 
 class ShuttingDown(Overloaded):
@@ -89,6 +106,12 @@ class InvalidField(ClientError):
 class Unauthorized(ClientError):
     status = 401
     code = "invalid_api_key"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
 
 
 class NotFound(ClientError):
@@ -118,6 +141,22 @@ class MethodNotAllowed(ClientError):
 class BodyTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class RateLimited(ClientError):
+    """429 with the limiter's headers (computed by :mod:`gateway.ratelimit`): ``retry-after``,
+    ``retry-after-ms``, the ``x-ratelimit-*`` set and ``x-should-retry``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
 
 
 class UpstreamError(GatewayError):

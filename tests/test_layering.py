@@ -72,19 +72,26 @@ GATEWAY_LAYERS: tuple[frozenset[str], ...] = tuple(
         {"gateway.app"},
         {"gateway.routes"},
         {"gateway.services"},
+        {"gateway.sharedstate"},  # replicas' routing state through Redis
         {"gateway.proxy", "gateway.router", "gateway.health", "gateway.scraper",
          "gateway.kvevents"},  # fmt: skip
         {"gateway.metrics", "gateway.prefix", "gateway.upstream", "gateway.middleware",
-         "gateway.responses", "gateway.server", "gateway.shutdown"},  # fmt: skip
+         "gateway.responses", "gateway.server", "gateway.shutdown", "gateway.admission",
+         "gateway.ratelimit", "gateway.keys", "gateway.redislink",
+         "gateway.streamusage"},  # fmt: skip
         {"gateway.endpoints"},
         {"gateway.errors", "gateway.context", "gateway.settings", "gateway.parsing",
-         "gateway.usage", "gateway.logs", "gateway.tasks", "gateway.exchange"},  # fmt: skip
+         "gateway.usage", "gateway.logs", "gateway.tasks", "gateway.exchange",
+         "gateway.principal", "gateway.outliers"},  # fmt: skip
     )
 )
 # Imports inside one layer are violations unless listed here (module -> what it may import).
 SAME_LAYER_ALLOWED: dict[str, frozenset[str]] = {
     "gateway.kvevents": frozenset({"gateway.router"}),  # KV events feed the router's index
     "gateway.proxy": frozenset({"gateway.health"}),  # a failed attempt marks its engine down
+    # Keys and limits share state through the one Redis link.
+    "gateway.ratelimit": frozenset({"gateway.redislink"}),
+    "gateway.keys": frozenset({"gateway.redislink"}),
     # Leaves: shared request types and the modules every layer uses; nothing above them.
     "gateway.context": frozenset(),
     "gateway.settings": frozenset(),
@@ -93,7 +100,10 @@ SAME_LAYER_ALLOWED: dict[str, frozenset[str]] = {
     "gateway.usage": frozenset({"gateway.context", "gateway.settings", "gateway.errors"}),
     "gateway.logs": frozenset({"gateway.context", "gateway.settings", "gateway.errors"}),
     "gateway.tasks": frozenset({"gateway.context", "gateway.settings", "gateway.errors"}),
-    "gateway.exchange": frozenset({"gateway.parsing", "gateway.errors", "gateway.context"}),
+    "gateway.exchange": frozenset({"gateway.parsing", "gateway.errors", "gateway.context",
+                                   "gateway.principal"}),
+    "gateway.principal": frozenset(),
+    "gateway.outliers": frozenset({"gateway.settings"}),
 }
 # Stated outright, whatever the layers above say (module -> what it must never import).
 GATEWAY_FORBIDDEN: dict[str, frozenset[str]] = {
