@@ -34,7 +34,8 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]  # fmt: skip
+                "--appendonly", "no", "--protected-mode", "no",
+                "--loglevel", "warning"]  # fmt: skip
         self.proc = subprocess.Popen(  # noqa: S603
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
         )
