@@ -43,6 +43,8 @@ class RequestFields:
     user: str | None
     prompt: Any = field(default=None, repr=False, compare=False)
     """The prompt field as parsed (messages, prompt or input), for prefix hashing."""
+    include_usage: bool = False
+    """The client asked for the final usage chunk (``stream_options.include_usage``)."""
 
     @property
     def prompt_tokens_estimate(self) -> int:
@@ -116,4 +118,5 @@ def parse_request(body: bytes, kind: Kind) -> RequestFields:
         max_tokens=max_tokens,
         user=user,
         prompt=prompt,
+        include_usage=bool(stream_options and stream_options.get("include_usage") is True),
     )
