@@ -34,7 +34,7 @@ the gateway's own failures use these classes. The request path's client errors (
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -198,14 +198,18 @@ def error_body(exc: GatewayError) -> bytes:
     return orjson.dumps(exc.envelope())
 
 
-def error_headers(exc: GatewayError) -> list[tuple[bytes, bytes]]:
-    """Raw ASGI headers for an error response, ``x-request-id`` included."""
+def error_headers(
+    exc: GatewayError, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> list[tuple[bytes, bytes]]:
+    """Raw ASGI headers for an error response, ``x-request-id`` and ``extra`` included."""
     body_len = len(error_body(exc))
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(body_len).encode()),
     ]
-    headers += [(k.encode(), v.encode()) for k, v in exc.headers().items()]
+    own = exc.headers()
+    headers += [(k.encode(), v.encode()) for k, v in own.items()]
+    headers += [(k, v) for k, v in extra if k.decode("latin-1") not in own]
     rid = current_request_id()
     if rid:
         headers.append((b"x-request-id", rid.encode()))
@@ -218,10 +222,13 @@ def sse_error_event(exc: GatewayError) -> bytes:
 
 
 async def send_error(
-    send: Callable[[MutableMapping[str, Any]], Awaitable[None]], exc: GatewayError
+    send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    exc: GatewayError,
+    extra: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Answer ``exc`` as a whole raw ASGI response (head and body)."""
-    await send({"type": "http.response.start", "status": exc.status, "headers": error_headers(exc)})
+    """Answer ``exc`` as a whole raw ASGI response (head and body), with ``extra`` headers."""
+    headers = error_headers(exc, extra)
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": error_body(exc)})
 
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from gateway.parsing import Kind, RequestFields
 from routing import Decision, RouteRequest
 
-__all__ = ["FinishedRequest", "ProxyPlan", "RequestObserver", "RouteHooks"]
+__all__ = ["FinishHook", "FinishedRequest", "ProxyPlan", "RequestObserver", "RouteHooks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +38,20 @@ class FinishedRequest:
     ttft_s: float | None
     prompt_tokens_estimate: int
     usage: Mapping[str, Any] | None
+    streamed_events: int = 0
+    """SSE data events relayed (about one per token): what a cut stream consumed."""
 
 
 class RequestObserver(Protocol):
     """Hook called once per proxied request, after its last byte (must not block)."""
 
     def on_request_finished(self, record: FinishedRequest) -> None: ...
+
+
+class FinishHook(Protocol):
+    """Called once when a request is over, however it ended (limits settle here)."""
+
+    def finished(self, record: FinishedRequest) -> None: ...
 
 
 class RouteHooks(Protocol):
@@ -70,3 +78,8 @@ class ProxyPlan:
     model_label: str
     route_header: str | None
     hooks: RouteHooks | None = None
+    response_headers: tuple[tuple[bytes, bytes], ...] = ()
+    """Added to the response, whatever answers (rate-limit headers: ``x-ratelimit-*``)."""
+    strip_usage: bool = False
+    """The gateway injected ``include_usage``: hide the usage chunk from the client."""
+    on_finish: FinishHook | None = None

@@ -59,6 +59,7 @@ from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.settings import ProxySettings
 from gateway.shutdown import InFlight
+from gateway.streamusage import UsageChunkFilter
 from gateway.upstream import Upstream
 from gateway.usage import BODY_BYTES, TAIL_BYTES, extract_usage, stream_completed
 from routing.types import is_placement
@@ -118,6 +119,7 @@ class Exchange:
 
     __slots__ = (
         "endpoint_id",
+        "events",
         "finished",
         "outcome",
         "plan",
@@ -144,6 +146,7 @@ class Exchange:
         self.endpoint_id: str | None = None
         self.ttft_s: float | None = None
         self.usage: Mapping[str, Any] | None = None
+        self.events = 0  # SSE data events relayed
 
     async def run(self, receive: Receive) -> None:
         """The attempts, raced against the client's disconnect, under the deadline and the
@@ -203,7 +206,7 @@ class Exchange:
 
     async def send_error(self, exc: GatewayError) -> None:
         self.sent_last = True
-        await send_error(self.send, exc)
+        await send_error(self.send, exc, self.plan.response_headers)
 
     async def _end(self, exc: GatewayError) -> None:
         """The deadline or the shutdown cut the exchange: an envelope if nothing was sent,
@@ -271,6 +274,8 @@ class Exchange:
         ]
         if attempt.sse:
             headers.append((b"x-accel-buffering", b"no"))
+        if self.plan.response_headers:
+            headers.extend(self.plan.response_headers)
         if self.plan.route_header is not None:
             headers.append(
                 (b"x-switchyard-route", self.plan.route_header.encode("latin-1", "replace"))
@@ -316,12 +321,14 @@ class Exchange:
             ttft_s=self.ttft_s,
             prompt_tokens_estimate=plan.route.prompt_tokens,
             usage=self.usage,
+            streamed_events=self.events,
         )
-        if plan.hooks is not None:
-            try:
-                plan.hooks.finished(record)
-            except Exception:
-                log.exception("routing hook failed")
+        for hook in (plan.hooks, plan.on_finish):
+            if hook is not None:
+                try:
+                    hook.finished(record)
+                except Exception:
+                    log.exception("request hook %r failed", hook)
         for observer in self.proxy.observers:
             try:
                 observer.on_request_finished(record)
@@ -395,11 +402,17 @@ class Attempt:
             lease.first_token(ttft_s=exchange.ttft_s)
         if not exchange.started:
             await exchange.start(self)
-        if first:
-            await exchange.send({"type": "http.response.body", "body": first, "more_body": True})
+        strip = UsageChunkFilter() if self.sse and exchange.plan.strip_usage else None
+        shown = first if strip is None else strip.feed(first)
+        if shown:
+            exchange.events += shown.count(b"data: {") if self.sse else 0
+            await exchange.send({"type": "http.response.body", "body": shown, "more_body": True})
         try:
             with map_upstream_errors(lease.state.id):
-                kept = await self._pump(first)
+                if strip is None:
+                    kept = await self._pump(first)
+                else:
+                    kept = await self._pump_strip(first, strip)
         except UpstreamError as exc:
             exchange.proxy.attempt_failed(lease.state, exc)
             await exchange.end_stream(lease.state, exc)
@@ -438,11 +451,42 @@ class Attempt:
             if not lease.first_token_seen and carries_token(chunk):
                 exchange.ttft_s = now - started
                 lease.first_token(ttft_s=exchange.ttft_s)
-            lease.tokens(n=chunk.count(b"data: {"), itl_s=now - last)
+            n = chunk.count(b"data: {")
+            exchange.events += n
+            lease.tokens(n=n, itl_s=now - last)
             last = now
             keep += chunk
             if len(keep) > TAIL_BYTES:
                 del keep[: len(keep) - TAIL_BYTES]
+        return bytes(keep)
+
+    async def _pump_strip(self, first: bytes, strip: UsageChunkFilter) -> bytes:
+        """:meth:`_pump` for a stream whose usage chunk the gateway asked for and hides:
+        the client gets the filtered bytes, the tail kept for ``usage`` the engine's."""
+        response, exchange, lease = self.response, self.exchange, self.lease
+        assert response is not None
+        send, read = exchange.send, response.content.readany
+        started = exchange.plan.started
+        keep = bytearray(first)
+        last = time.perf_counter()
+        while chunk := await read():
+            out = strip.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            now = time.perf_counter()
+            if not lease.first_token_seen and carries_token(chunk):
+                exchange.ttft_s = now - started
+                lease.first_token(ttft_s=exchange.ttft_s)
+            n = out.count(b"data: {")
+            exchange.events += n
+            lease.tokens(n=n, itl_s=now - last)
+            last = now
+            keep += chunk
+            if len(keep) > TAIL_BYTES:
+                del keep[: len(keep) - TAIL_BYTES]
+        rest = strip.flush()
+        if rest:
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
         return bytes(keep)
 
     def close(self) -> None:
