@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -81,6 +82,9 @@ class Routed:
         self.committed_to = endpoint_id
         if status < 400 and self.blocks.hashes:
             self.router.index.insert(endpoint_id, self.blocks.hashes)
+            outbox = self.router.outbox
+            if outbox is not None:  # replicas: published by the next sync (O(1), bounded)
+                outbox.append((endpoint_id, self.blocks.hashes))
 
     def finished(self, record: FinishedRequest) -> None:
         """Once per request, however it ended: settle the user's virtual token counter."""
@@ -127,6 +131,9 @@ class Router:
         self.hasher = PromptHasher(prefix)
         self.vtc = VirtualTokenCounters()
         self.feeds: dict[str, EndpointFeed] = {}
+        # Prefixes committed since the last sync, for the other replicas; a bounded deque
+        # set by gateway/sharedstate.py when redis_url is set (None: nothing shared).
+        self.outbox: deque[tuple[str, tuple[int, ...]]] | None = None
 
     def policy(self, name: str | None) -> Policy:
         """The named policy (``None``: the configured default); unknown -> 400."""

@@ -11,6 +11,11 @@ This is mutable state with a single owner: the gateway keeps one instance, calls
 ``charge`` as tokens are counted and ``release`` when the request ends. The user table is
 bounded (least recently seen idle users are forgotten first).
 
+Replicas (gateway/sharedstate.py) share the service received, not the lifts: after
+``track_charges()`` every ``charge`` is also summed per user until ``take_charges()`` hands
+the sums over (to publish them), and ``add_remote`` adds the service other replicas gave a
+user. Each replica's counters are then the global service plus its own lifts.
+
 Example::
 
     vtc = VirtualTokenCounters()
@@ -22,6 +27,7 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 
 from routing.types import FairnessView
 
@@ -41,6 +47,7 @@ class VirtualTokenCounters:
         self.max_users = max_users
         self._counters: OrderedDict[str, float] = OrderedDict()
         self._active: dict[str, int] = {}
+        self._charges: dict[str, float] | None = None  # unpublished charges, when tracked
 
     def admit(self, user: str) -> FairnessView:
         """A request of ``user`` is being routed; returns its standing for the policy."""
@@ -55,12 +62,29 @@ class VirtualTokenCounters:
 
     def charge(self, user: str, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Add service received; unknown users are created at the active minimum."""
-        if user not in self._counters:
-            self._counters[user] = min((self._counters[u] for u in self._active), default=0.0)
         cost = self.input_weight * input_tokens + self.output_weight * output_tokens
-        self._counters[user] += cost
-        self._counters.move_to_end(user)
-        self._evict()
+        self._add(user, cost)
+        charges = self._charges
+        if charges is not None and (user in charges or len(charges) < self.max_users):
+            charges[user] = charges.get(user, 0.0) + cost
+
+    def track_charges(self) -> None:
+        """From now on sum each user's charges for :meth:`take_charges` (replicas)."""
+        if self._charges is None:
+            self._charges = {}
+
+    def take_charges(self) -> dict[str, float]:
+        """The charges since the last call, per user (at most ``max_users`` users; empty
+        unless tracked), and start a new sum."""
+        charges = self._charges or {}
+        if self._charges is not None:
+            self._charges = {}
+        return charges
+
+    def add_remote(self, charges: Mapping[str, float]) -> None:
+        """Service other replicas gave these users (never published again)."""
+        for user, cost in charges.items():
+            self._add(user, cost)
 
     def release(self, user: str) -> None:
         """A request of ``user`` ended (any way); extra calls are ignored."""
@@ -87,6 +111,13 @@ class VirtualTokenCounters:
 
     def __len__(self) -> int:
         return len(self._counters)
+
+    def _add(self, user: str, cost: float) -> None:
+        if user not in self._counters:
+            self._counters[user] = min((self._counters[u] for u in self._active), default=0.0)
+        self._counters[user] += cost
+        self._counters.move_to_end(user)
+        self._evict()
 
     def _evict(self) -> None:
         if len(self._counters) <= self.max_users:

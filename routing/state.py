@@ -9,7 +9,9 @@ Gateway counters matter because scraped gauges are up to a scrape interval stale
 requests routed within one interval would otherwise all see the same "idle" engine (AIBrix
 #646). ``begin`` counts a request immediately; every way a request ends (``[DONE]``, stream
 end, upstream error, client disconnect) calls ``finish`` on the same :class:`Ticket`, which is
-idempotent, so counters never drift and need no periodic reset.
+idempotent, so counters never drift and need no periodic reset. With replicas sharing
+routing state, ``set_remote`` adds the other gateways' counts on this engine to the snapshot
+(replaced wholesale by each sync, so they cannot drift either).
 
 Example::
 
@@ -65,6 +67,7 @@ class EngineState:
         "_placed",
         "_prefill_tokens",
         "_recent",
+        "_remote",
         "_scraped_at",
         "_ttft",
         "completed",
@@ -93,6 +96,9 @@ class EngineState:
         self._healthy = True
         self._models: frozenset[str] = frozenset()
         self._cached: EndpointSnapshot | None = None
+        # Other gateway replicas' (in_flight, in_flight_tokens, prefill_tokens) here, replaced
+        # wholesale by the shared routing state's sync (gateway/sharedstate.py).
+        self._remote: tuple[int, int, int] = (0, 0, 0)
         self.completed = 0
         self.prompt_tokens_total = 0
         self.output_tokens_total = 0
@@ -159,6 +165,25 @@ class EngineState:
         self.completed += 1
         self._cached = None
 
+    # -- other replicas -----------------------------------------------------------------
+    def local_load(self) -> tuple[int, int, int]:
+        """This process's own ``(in_flight, in_flight_tokens, prefill_tokens)`` here (what a
+        replica publishes to the others; the snapshot adds theirs)."""
+        return self._in_flight, self._in_flight_tokens, self._prefill_tokens
+
+    def set_remote(
+        self, *, in_flight: int = 0, in_flight_tokens: int = 0, prefill_tokens: int = 0
+    ) -> None:
+        """Replace the other replicas' counts on this engine (all 0: none, or unknown)."""
+        remote = (in_flight, in_flight_tokens, prefill_tokens)
+        if remote != self._remote:
+            self._remote = remote
+            self._cached = None
+
+    @property
+    def remote_load(self) -> tuple[int, int, int]:
+        return self._remote
+
     # -- scraper / health ---------------------------------------------------------------
     def observe_metrics(self, metrics: EngineMetrics, *, at: float) -> None:
         """Store the last scrape (``at`` is the scraper's clock reading)."""
@@ -184,20 +209,21 @@ class EngineState:
         """An immutable view for policies; cached until the next mutation."""
         if self._cached is None:
             m = self._metrics
+            r_in_flight, r_tokens, r_prefill = self._remote
             self._cached = EndpointSnapshot(
                 id=self.endpoint_id,
                 url=self.url,
                 models=self._models,
                 healthy=self._healthy,
-                in_flight=self._in_flight,
-                in_flight_tokens=self._in_flight_tokens,
+                in_flight=self._in_flight + r_in_flight,
+                in_flight_tokens=self._in_flight_tokens + r_tokens,
                 running=m.running,
                 waiting=m.waiting,
                 kv_usage=m.kv_usage,
                 ttft_ewma_s=self._ttft,
                 itl_ewma_s=self._itl,
                 scraped_at=self._scraped_at,
-                prefill_tokens=self._prefill_tokens,
+                prefill_tokens=self._prefill_tokens + r_prefill,
                 block_size=m.block_size,
                 running_adapters=m.running_adapters | m.waiting_adapters,
                 recent_routed=self._recent,

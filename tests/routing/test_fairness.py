@@ -104,3 +104,55 @@ def test_without_user_it_is_least_request() -> None:
     scores = Fairness().score(RouteRequest(model="m"), [ep("a", in_flight=2), ep("b")])
     assert scores == [0.0, 1.0]
     assert Fairness().score(RouteRequest(model="m"), eps(2)) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("charges", "tracked", "taken"),
+    [
+        ([("a", 100, 0), ("a", 0, 10), ("b", 5, 0)], True, {"a": 120.0, "b": 5.0}),
+        ([("a", 100, 0)], False, {}),
+        ([], True, {}),
+        ([("a", 1, 0), ("b", 1, 0), ("c", 1, 0)], True, {"a": 1.0, "b": 1.0}),  # max_users
+    ],
+)
+def test_tracked_charges_are_summed_per_user_until_taken(
+    charges: list[tuple[str, int, int]], tracked: bool, taken: dict[str, float]
+) -> None:
+    vtc = VirtualTokenCounters(max_users=2)
+    if tracked:
+        vtc.track_charges()
+        vtc.track_charges()  # idempotent: keeps the sums
+    for user, inp, out in charges:
+        vtc.charge(user, input_tokens=inp, output_tokens=out)
+    assert vtc.take_charges() == taken
+    assert vtc.take_charges() == {}
+
+
+@pytest.mark.parametrize(
+    ("local", "remote", "expected"),
+    [
+        ({"a": 100}, {"a": 50.0}, {"a": 150.0}),
+        ({"a": 100}, {"b": 70.0}, {"a": 100.0, "b": 70.0}),
+        ({}, {}, {}),
+    ],
+)
+def test_remote_service_adds_to_counters_and_is_not_published_again(
+    local: dict[str, int], remote: dict[str, float], expected: dict[str, float]
+) -> None:
+    vtc = VirtualTokenCounters()
+    vtc.track_charges()
+    for user, tokens in local.items():
+        vtc.charge(user, input_tokens=tokens)
+    published = vtc.take_charges()
+    vtc.add_remote(remote)
+    assert {u: vtc.counter(u) for u in expected} == expected
+    assert published == {u: float(t) for u, t in local.items()}
+    assert vtc.take_charges() == {}
+
+
+def test_remote_service_for_an_unknown_user_starts_at_the_active_minimum() -> None:
+    vtc = VirtualTokenCounters()
+    vtc.admit("busy")
+    vtc.charge("busy", input_tokens=1000)
+    vtc.add_remote({"new": 10.0})
+    assert vtc.counter("new") == 1010.0

@@ -124,3 +124,27 @@ def test_begin_counts_placements_beside_routed_requests() -> None:
     assert recent_placed_at(snap, 12) == pytest.approx(snap.recent_placed * decay**10)
     st.begin(prompt_tokens=10, seq=1, placed=True)  # stale seq: neither counter moves
     assert st.snapshot().recent_placed == snap.recent_placed
+
+
+@pytest.mark.parametrize(
+    ("remote", "snapshot_counts"),
+    [
+        ((0, 0, 0), (1, 310, 300)),
+        ((2, 500, 120), (3, 810, 420)),
+        ((1, 0, 0), (2, 310, 300)),
+    ],
+)
+def test_remote_counts_add_to_the_snapshot_and_stay_out_of_the_local_load(
+    remote: tuple[int, int, int], snapshot_counts: tuple[int, int, int]
+) -> None:
+    st = EngineState("e", "http://e")
+    st.begin(prompt_tokens=300, max_tokens=10)
+    before = st.snapshot()
+    st.set_remote(in_flight=remote[0], in_flight_tokens=remote[1], prefill_tokens=remote[2])
+    snap = st.snapshot()
+    assert (snap.in_flight, snap.in_flight_tokens, snap.prefill_tokens) == snapshot_counts
+    assert (snap is before) == (remote == (0, 0, 0))  # unchanged counts keep the cache
+    assert st.local_load() == (1, 310, 300)
+    assert st.remote_load == remote
+    st.set_remote()  # replaced wholesale: nothing sticks
+    assert st.snapshot().in_flight == 1
