@@ -169,28 +169,66 @@ def has_workers_flag(exe: str) -> bool:
 
 
 def switchyard(
-    policy: str = "round-robin", *, workers: int = 1, exe: Path = SWITCHYARD, label: str = ""
+    policy: str = "round-robin",
+    *,
+    workers: int = 1,
+    exe: Path = SWITCHYARD,
+    label: str = "",
+    edge: bool = False,
 ) -> Starter:
-    name = label or ("switchyard" + (f"-w{workers}" if workers > 1 else "") + f"-{policy}")
+    """``edge``: the production edge on (issue 11): a redis-server of its own (its CPU is not
+    in the gateway's process group; the table reports the gateway's), ``redis_url`` set, an
+    API key with RPM/TPM limits, a tenant with limits, a per-user limit (every request is
+    checked against Redis, microbatched), and the routing state shared through Redis.
+    The limits are far above what the run sends, so nothing is refused."""
+    name = label or (
+        "switchyard" + ("-edge" if edge else "") + (f"-w{workers}" if workers > 1 else "")
+        + f"-{policy}"
+    )  # fmt: skip
 
     def start(engines: Sequence[str], logs: Path) -> Running:
         if workers > 1 and not has_workers_flag(str(exe)):
             raise Skip(f"{name}: `switchyard serve --help` has no --workers yet")
-        port = free_ports(1)[0]
-        config = {
+        port, redis_port = free_ports(2)
+        config: dict[str, object] = {
             "log_level": "WARNING",
             "server": {"host": "127.0.0.1", "port": port, "access_log": False},
             "engines": [{"url": u, "models": ["fake-model"]} for u in engines],
             "routing": {"policy": policy},
         }
+        auth = None
+        cleanup: list[Callable[[], None]] = []
         logs.mkdir(parents=True, exist_ok=True)
+        if edge:
+            key = "sk-bench-" + secrets.token_hex(16)
+            auth = f"Bearer {key}"
+            config |= {
+                "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                "admin_key": "sk-admin-" + secrets.token_hex(16),
+                "api_keys": [{"key": key, "rpm": 10**9, "tpm": 10**12, "tenant": "bench",
+                              "user_rpm": 10**9}],
+                "tenants": {"bench": {"rpm": 10**9, "tpm": 10**12}},
+            }  # fmt: skip
+            redis = spawn(
+                f"{name}-redis",
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no"],
+                logs,
+            )  # fmt: skip
+            cleanup.append(redis.stop)
         path = logs / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         argv = [str(exe), "serve", "--config", str(path)]
         if workers > 1:
             argv += ["--workers", str(workers)]
-        proc = spawn(name, argv, logs)
-        return _ready(Running(name, f"http://127.0.0.1:{port}", proc), 60)
+        try:
+            proc = spawn(name, argv, logs)
+        except BaseException:
+            for fn in cleanup:
+                fn()
+            raise
+        run = Running(name, f"http://127.0.0.1:{port}", proc, auth=auth, cleanup=cleanup)
+        return _ready(run, 60)
 
     return start
 
@@ -248,6 +286,8 @@ def catalogue(policies: Sequence[str], before_rev: str | None) -> dict[str, Star
     for p in policies:
         out[f"switchyard-{p}"] = switchyard(p)
     out["switchyard-w2-round-robin"] = switchyard("round-robin", workers=2)
+    out["switchyard-edge-round-robin"] = switchyard("round-robin", edge=True)
+    out["switchyard-edge-w2-round-robin"] = switchyard("round-robin", edge=True, workers=2)
     if before_rev:
         out["switchyard-before-round-robin"] = switchyard_before(before_rev)
     return out
