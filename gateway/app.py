@@ -38,7 +38,7 @@ from gateway.middleware import (
     RequestIdMiddleware,
 )
 from gateway.responses import error_response
-from gateway.routes import admin, openai, ops
+from gateway.routes import admin, keys, openai, ops
 from gateway.routes.proxied import ProxiedRoutes
 from gateway.services import Services
 from gateway.settings import Settings
@@ -120,6 +120,7 @@ def create_app(
     api.include_router(openai.router)
     api.include_router(ops.router)
     api.include_router(admin.router)
+    api.include_router(keys.router)
     server = settings.server
     guard = ConcurrencyGuard(server.max_concurrent_requests)
     app: ASGIApp = BodySizeLimitMiddleware(api, max_bytes=server.max_body_bytes)

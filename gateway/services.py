@@ -25,9 +25,11 @@ import anyio
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.exchange import RequestObserver
 from gateway.health import HealthChecker
+from gateway.keys import KeysCollector, KeyStore
 from gateway.kvevents import KVEventConsumers
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
+from gateway.redislink import RedisCollector, RedisLink
 from gateway.router import Router, RoutingCollector
 from gateway.scraper import MetricsScraper
 from gateway.settings import EngineConfig, Settings
@@ -48,6 +50,8 @@ class Services:
     scraper: MetricsScraper
     kv_events: KVEventConsumers
     proxy: Proxy
+    keys: KeyStore
+    redis: RedisLink | None = None  # the one link to redis_url (None: everything in memory)
     config_path: Path | None = None
 
     @classmethod
@@ -70,6 +74,12 @@ class Services:
             client=control, endpoints=endpoints, settings=settings.health, metrics=metrics
         )
         upstream = Upstream.for_requests(settings.proxy)
+        redis = None
+        if settings.redis_url:
+            redis = RedisLink.from_url(settings.redis_url, settings.redis)
+            metrics.registry.register(RedisCollector(redis))
+        keys = KeyStore(settings, link=redis)
+        metrics.registry.register(KeysCollector(keys))
         proxy = Proxy(
             upstream=upstream,
             endpoints=endpoints,
@@ -92,6 +102,8 @@ class Services:
             ),
             kv_events=KVEventConsumers(endpoints, router),
             proxy=proxy,
+            keys=keys,
+            redis=redis,
             config_path=config_path,
         )
 
@@ -114,6 +126,10 @@ class Services:
                     await services.scraper.scrape_once()
                     tg.start_soon(supervise, "metrics-scraper", services.scraper.run)
                 tg.start_soon(supervise, "kv-events", services.kv_events.run)
+                if services.redis is not None:
+                    await services.keys.refresh()  # shared keys before serving (bounded)
+                    tg.start_soon(supervise, "redis-link", services.redis.run)
+                    tg.start_soon(supervise, "api-keys", services.keys.run)
                 try:
                     yield services
                 finally:
@@ -125,6 +141,8 @@ class Services:
         """Close both HTTP sessions (opened on first use on the serving loop)."""
         await self.upstream.aclose()
         await self.control.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
 
 
 def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> EndpointState:

@@ -3,7 +3,12 @@
 ``POST /admin/engines {"url": ..., "id"?: ..., "models"?: [...]}`` probes the new engine at
 once; ``DELETE /admin/engines/{id}`` takes it out of routing (requests in flight finish);
 ``POST /admin/reload`` re-reads the ``engines`` section of the ``--config`` file and applies
-the difference. Protected by the API keys when they are configured.
+the difference. API keys: :mod:`gateway.routes.keys`.
+
+Every admin route takes the admin key only (:meth:`gateway.keys.KeyStore.check_admin`):
+with ``admin_key`` set, ``Authorization: Bearer <admin_key>`` (missing or wrong: 401, a client
+key: 403); without it the admin API is open only while no client keys are configured (the
+local default), else 403. ``admin_enabled: false`` hides it (404).
 """
 
 from __future__ import annotations
@@ -13,30 +18,31 @@ from fastapi import APIRouter, Request
 from gateway.endpoints import default_endpoint_id
 from gateway.errors import ClientError, InvalidField, NotFound
 from gateway.responses import JSONBytes
-from gateway.routes.openai import check_auth, services_of
+from gateway.routes.openai import services_of
 from gateway.services import Services, add_engine
 from gateway.settings import EngineConfig, Settings
 
 router = APIRouter(prefix="/admin")
 
 
-def _admin(request: Request) -> Services:
+def admin_services(request: Request) -> Services:
+    """The services, once the caller has passed the admin check (404 when disabled)."""
     services = services_of(request)
     if not services.settings.admin_enabled:
         raise NotFound("the admin API is disabled")
-    check_auth(request, services)
+    services.keys.check_admin(request.headers.get("authorization"))
     return services
 
 
 @router.get("/engines")
 async def list_engines(request: Request) -> JSONBytes:
-    services = _admin(request)
+    services = admin_services(request)
     return JSONBytes({"engines": [state.describe() for state in services.endpoints]})
 
 
 @router.post("/engines")
 async def add(request: Request, engine: EngineConfig) -> JSONBytes:
-    services = _admin(request)
+    services = admin_services(request)
     try:
         state = add_engine(services.endpoints, engine)
     except KeyError as exc:
@@ -47,7 +53,7 @@ async def add(request: Request, engine: EngineConfig) -> JSONBytes:
 
 @router.delete("/engines/{endpoint_id:path}")
 async def remove(request: Request, endpoint_id: str) -> JSONBytes:
-    services = _admin(request)
+    services = admin_services(request)
     try:
         state = services.endpoints.remove(endpoint_id)
     except KeyError as exc:
@@ -58,7 +64,7 @@ async def remove(request: Request, endpoint_id: str) -> JSONBytes:
 
 @router.post("/reload")
 async def reload(request: Request) -> JSONBytes:
-    services = _admin(request)
+    services = admin_services(request)
     if services.config_path is None:
         raise ClientError("the gateway was not started with --config; nothing to reload")
     try:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes served by FastAPI: the model list, and the shared auth check.
+"""OpenAI-compatible routes served by FastAPI: the model list (only what the caller's key may
+use: a hidden model is as unknown as a missing one), and ``principal_of`` for FastAPI routes.
 
 The proxied routes (chat, completions, embeddings) are raw ASGI, in front of FastAPI:
 :mod:`gateway.routes.proxied`.
@@ -6,12 +7,13 @@ The proxied routes (chat, completions, embeddings) are raw ASGI, in front of Fas
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from gateway.errors import ModelNotFound, Unauthorized
+from gateway.endpoints import ModelCard
+from gateway.errors import ModelNotFound
+from gateway.principal import Principal
 from gateway.responses import JSONBytes
 from gateway.services import Services
 
@@ -24,21 +26,16 @@ def services_of(request: Request) -> Services:
     return services
 
 
-def check_key(services: Services, authorization: str | None) -> None:
-    """401 unless ``authorization`` is ``Bearer <one of the configured keys>`` (constant time)."""
-    keys = services.settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and token:
-        for key in keys:
-            if hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
-                return
-    raise Unauthorized("Incorrect or missing API key; send 'Authorization: Bearer <key>'.")
+def principal_of(request: Request, services: Services) -> Principal:
+    """The caller of a FastAPI route (401 for a missing, wrong or revoked key)."""
+    return services.keys.authenticate(request.headers.get("authorization"))
 
 
-def check_auth(request: Request, services: Services) -> None:
-    check_key(services, request.headers.get("authorization"))
+def _visible(principal: Principal, model_id: str, card: ModelCard) -> bool:
+    """May ``principal`` see this catalog entry? An entry with ``parent`` is an adapter."""
+    if card.parent:
+        return principal.allows(card.parent, model_id)
+    return principal.allows(model_id, None)
 
 
 def _card_json(card_id: str, raw: dict[str, Any]) -> dict[str, Any]:
@@ -50,11 +47,11 @@ def _card_json(card_id: str, raw: dict[str, Any]) -> dict[str, Any]:
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONBytes:
     services = services_of(request)
-    check_auth(request, services)
+    principal = principal_of(request, services)
     data = [
         _card_json(model_id, dict(entry.card.raw))
         for model_id, entry in sorted(services.endpoints.catalog().items())
-        if entry.healthy
+        if entry.healthy and _visible(principal, model_id, entry.card)
     ]
     return JSONBytes({"object": "list", "data": data})
 
@@ -62,8 +59,8 @@ async def list_models(request: Request) -> JSONBytes:
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONBytes:
     services = services_of(request)
-    check_auth(request, services)
+    principal = principal_of(request, services)
     entry = services.endpoints.catalog().get(model_id)
-    if entry is None or not entry.healthy:
+    if entry is None or not entry.healthy or not _visible(principal, model_id, entry.card):
         raise ModelNotFound(model_id)
     return JSONBytes(_card_json(model_id, dict(entry.card.raw)))

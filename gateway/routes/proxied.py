@@ -30,8 +30,8 @@ from gateway.errors import (
 from gateway.exchange import ProxyPlan
 from gateway.middleware import ConcurrencyGuard, declared_too_large, read_body
 from gateway.parsing import Kind, parse_request
+from gateway.principal import Principal
 from gateway.router import ROUTING_HEADER
-from gateway.routes.openai import check_key
 from gateway.services import Services
 
 PROXIED_PATHS: dict[str, Kind] = {kind.value: kind for kind in Kind}
@@ -59,24 +59,32 @@ class ProxiedRoutes:
                 raise MethodNotAllowed(f"{scope['method']} is not allowed here")
             with self.guard:
                 headers: dict[bytes, bytes] = dict(scope["headers"])
-                check_key(services, _text(headers.get(b"authorization")))
+                # principal: used for model access and limits
+                principal = services.keys.authenticate(_text(headers.get(b"authorization")))
                 refused = declared_too_large(headers.get(b"content-length"), self.max_body_bytes)
                 if refused is not None:
                     raise refused
                 body = await read_body(receive, self.max_body_bytes)
                 if body is None:
                     return  # the client left while sending its body: nobody will read an answer
-                plan = await _plan(services, headers, body, kind, started)
+                plan = await _plan(services, headers, body, kind, started, principal)
                 await services.proxy.serve(plan, receive, send)
         except GatewayError as exc:  # raised before the proxy answered anything
             await send_error(send, exc)
 
 
 async def _plan(
-    services: Services, headers: dict[bytes, bytes], body: bytes, kind: Kind, started: float
+    services: Services,
+    headers: dict[bytes, bytes],
+    body: bytes,
+    kind: Kind,
+    started: float,
+    principal: Principal,
 ) -> ProxyPlan:
     fields = parse_request(body, kind)
     model, adapter, listed = _resolve_model(services, fields.model)
+    if not principal.allows(model, adapter):
+        raise ModelNotFound(fields.model)  # exactly an unknown model's 404: no existence leak
     routing = services.settings.routing
     policy = services.router.policy(_text(headers.get(ROUTING_HEADER.encode())))
     routed = await services.router.route(
