@@ -33,6 +33,7 @@ from gateway.redislink import RedisCollector, RedisLink
 from gateway.router import Router, RoutingCollector
 from gateway.scraper import MetricsScraper
 from gateway.settings import EngineConfig, Settings
+from gateway.sharedstate import SharedRoutingState
 from gateway.shutdown import InFlight
 from gateway.tasks import supervise
 from gateway.upstream import Upstream
@@ -52,6 +53,7 @@ class Services:
     proxy: Proxy
     keys: KeyStore
     redis: RedisLink | None = None  # the one link to redis_url (None: everything in memory)
+    shared: SharedRoutingState | None = None  # routing state shared with other replicas
     config_path: Path | None = None
 
     @classmethod
@@ -75,9 +77,14 @@ class Services:
         )
         upstream = Upstream.for_requests(settings.proxy)
         redis = None
+        shared = None
         if settings.redis_url:
             redis = RedisLink.from_url(settings.redis_url, settings.redis)
             metrics.registry.register(RedisCollector(redis))
+            shared = SharedRoutingState(
+                redis, endpoints=endpoints, router=router, settings=settings,
+                registry=metrics.registry,
+            )  # fmt: skip
         keys = KeyStore(settings, link=redis)
         metrics.registry.register(KeysCollector(keys))
         proxy = Proxy(
@@ -104,6 +111,7 @@ class Services:
             proxy=proxy,
             keys=keys,
             redis=redis,
+            shared=shared,
             config_path=config_path,
         )
 
@@ -130,6 +138,8 @@ class Services:
                     await services.keys.refresh()  # shared keys before serving (bounded)
                     tg.start_soon(supervise, "redis-link", services.redis.run)
                     tg.start_soon(supervise, "api-keys", services.keys.run)
+                if services.shared is not None:
+                    tg.start_soon(supervise, "shared-state", services.shared.run)
                 try:
                     yield services
                 finally:
@@ -141,6 +151,8 @@ class Services:
         """Close both HTTP sessions (opened on first use on the serving loop)."""
         await self.upstream.aclose()
         await self.control.aclose()
+        if self.shared is not None:
+            await self.shared.leave()  # bounded by the link's timeout
         if self.redis is not None:
             await self.redis.aclose()
 
