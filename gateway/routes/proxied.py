@@ -82,9 +82,7 @@ async def _plan(
     principal: Principal,
 ) -> ProxyPlan:
     fields = parse_request(body, kind)
-    model, adapter, listed = _resolve_model(services, fields.model)
-    if not principal.allows(model, adapter):
-        raise ModelNotFound(fields.model)  # exactly an unknown model's 404: no existence leak
+    model, adapter, listed = _resolve_model(services, fields.model, principal)
     routing = services.settings.routing
     policy = services.router.policy(_text(headers.get(ROUTING_HEADER.encode())))
     routed = await services.router.route(
@@ -110,14 +108,22 @@ async def _plan(
     )
 
 
-def _resolve_model(services: Services, model: str) -> tuple[str, str | None, bool]:
-    """(base model, adapter or None, listed by an engine); raises 404/503 if nobody can serve."""
+def _resolve_model(
+    services: Services, model: str, principal: Principal
+) -> tuple[str, str | None, bool]:
+    """(base model, adapter or None, listed by an engine); raises 404/503 if nobody can serve.
+
+    A model the caller may not use gets exactly an unknown model's 404, before anything that
+    could tell the two apart (a 503 while no engine is healthy, a pass-through)."""
     endpoints = services.endpoints
     entry = endpoints.catalog().get(model)
     if entry is not None:
-        if entry.card.parent:
-            return entry.card.parent, model, True
-        return model, None, True
+        base, adapter = (entry.card.parent, model) if entry.card.parent else (model, None)
+        if not principal.allows(base, adapter):
+            raise ModelNotFound(model)
+        return base, adapter, True
+    if principal.models is not None and model not in principal.models:
+        raise ModelNotFound(model)
     healthy = [state for state in endpoints if state.healthy]
     if not healthy:
         raise NoHealthyEndpoint("no healthy engine is available; try again shortly")
