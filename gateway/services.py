@@ -4,7 +4,8 @@ Two :class:`gateway.upstream.Upstream` sessions (aiohttp, chosen by measurement)
 request path's and the control plane's (health probes and metric scrapes, a small pool of
 its own so long streams never starve probes), the endpoint registry, the router (policies,
 prefix index, VTC counters), the app-owned metrics registry, the health checker, the
-metrics scraper, the KV-event consumers, the proxy and the supervised background tasks.
+metrics scraper, the KV-event consumers, the proxy, admission control (the wait queue) and
+the supervised background tasks (the slow-engine check among them).
 Tests build their own and pass it to ``create_app``.
 
 Example::
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import anyio
 
+from gateway.admission import Admission
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.exchange import RequestObserver
 from gateway.health import HealthChecker
@@ -29,6 +31,7 @@ from gateway.keys import KeysCollector, KeyStore
 from gateway.kvevents import KVEventConsumers
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
+from gateway.ratelimit import RateLimiter
 from gateway.redislink import RedisCollector, RedisLink
 from gateway.router import Router, RoutingCollector
 from gateway.scraper import MetricsScraper
@@ -51,7 +54,9 @@ class Services:
     scraper: MetricsScraper
     kv_events: KVEventConsumers
     proxy: Proxy
+    admission: Admission
     keys: KeyStore
+    limiter: RateLimiter
     redis: RedisLink | None = None  # the one link to redis_url (None: everything in memory)
     shared: SharedRoutingState | None = None  # routing state shared with other replicas
     config_path: Path | None = None
@@ -65,7 +70,7 @@ class Services:
         observers: tuple[RequestObserver, ...] = (),
         inflight: InFlight | None = None,
     ) -> Services:
-        endpoints = EndpointRegistry()
+        endpoints = EndpointRegistry(settings.outliers)
         for engine in settings.engines:
             add_engine(endpoints, engine)
         metrics = GatewayMetrics.create(endpoints)
@@ -87,6 +92,12 @@ class Services:
             )  # fmt: skip
         keys = KeyStore(settings, link=redis)
         metrics.registry.register(KeysCollector(keys))
+        # Fair share while Redis is down: limit / live replicas (the last count seen).
+        fallback = settings.limits.replicas
+        limiter = RateLimiter(
+            settings.limits, redis, replicas=shared.replicas if shared else lambda: fallback
+        )
+        metrics.registry.register(limiter.collector())
         proxy = Proxy(
             upstream=upstream,
             endpoints=endpoints,
@@ -109,7 +120,11 @@ class Services:
             ),
             kv_events=KVEventConsumers(endpoints, router),
             proxy=proxy,
+            admission=Admission(
+                settings.admission, endpoints=endpoints, metrics=metrics, inflight=proxy.inflight
+            ),
             keys=keys,
+            limiter=limiter,
             redis=redis,
             shared=shared,
             config_path=config_path,
@@ -134,10 +149,12 @@ class Services:
                     await services.scraper.scrape_once()
                     tg.start_soon(supervise, "metrics-scraper", services.scraper.run)
                 tg.start_soon(supervise, "kv-events", services.kv_events.run)
+                tg.start_soon(supervise, "slow-engines", services.endpoints.run_slow_checks)
                 if services.redis is not None:
                     await services.keys.refresh()  # shared keys before serving (bounded)
                     tg.start_soon(supervise, "redis-link", services.redis.run)
                     tg.start_soon(supervise, "api-keys", services.keys.run)
+                    tg.start_soon(supervise, "rate-limit-settlements", services.limiter.run)
                 if services.shared is not None:
                     tg.start_soon(supervise, "shared-state", services.shared.run)
                 try:
@@ -151,6 +168,7 @@ class Services:
         """Close both HTTP sessions (opened on first use on the serving loop)."""
         await self.upstream.aclose()
         await self.control.aclose()
+        await self.limiter.aclose()  # pending settlements, bounded by the link's timeout
         if self.shared is not None:
             await self.shared.leave()  # bounded by the link's timeout
         if self.redis is not None:

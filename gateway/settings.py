@@ -200,10 +200,13 @@ class LimitSettings(_Section):
 
 class RedisSettings(_Section):
     """The client of ``redis_url``: every call on the request path is bounded by
-    ``timeout_s``; after a failure Redis is treated as down (local fallbacks) and retried
-    every ``retry_s``. ``key_prefix`` namespaces every key this gateway writes."""
+    ``timeout_s`` (Redis itself answers in ~0.1 ms on loopback; the bound also absorbs this
+    process's event-loop lag under load, see :mod:`gateway.redislink`); once Redis is seen
+    down (a refused connection, or three timeouts in a row) no request waits on it at all
+    (local fallbacks) and it is probed every ``retry_s``. ``key_prefix`` namespaces every key
+    this gateway writes."""
 
-    timeout_s: float = Field(default=0.05, gt=0, le=5)
+    timeout_s: float = Field(default=0.25, gt=0, le=5)
     retry_s: float = Field(default=1.0, gt=0)
     max_connections: int = Field(default=16, gt=0)
     key_prefix: str = "switchyard:"
@@ -228,20 +231,28 @@ class AdmissionSettings(_Section):
 
 
 class OutlierSettings(_Section):
-    """Passive outlier ejection and the retry budget (:mod:`gateway.outliers`)."""
+    """Passive outlier ejection, the retry budget and slow engines (:mod:`gateway.outliers`).
+    An engine is ejected for ``base_ejection_s * 2**(n-1)`` (capped at ``max_ejection_s``)
+    after ``consecutive_failures`` failed attempts in a row; ``n`` counts its recent
+    ejections and decays by one per ``max_ejection_s`` readmitted."""
 
     consecutive_failures: int = Field(default=5, ge=1)
     base_ejection_s: float = Field(default=5.0, gt=0)
     max_ejection_s: float = Field(default=300.0, gt=0)
-    # Never eject more than this share of the engines (the rest keep serving).
+    # Never eject more than this share of the engines, rounded down (the rest keep serving).
     max_ejected_fraction: float = Field(default=0.5, ge=0, le=1)
     # Retries are allowed while they stay under ratio x requests of the last window_s
-    # (plus min_retries_per_s x window_s, so a quiet gateway may still retry).
+    # (plus retry_budget_min_per_s x window_s, so a quiet gateway may still retry).
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
     retry_budget_min_per_s: float = Field(default=1.0, ge=0)
     retry_budget_window_s: float = Field(default=10.0, gt=0)
-    # An engine whose TTFT EWMA exceeds slow_factor x the fleet median is marked slow.
+    # An engine whose TTFT EWMA exceeds slow_factor x the median of its peers (healthy
+    # engines serving a model it serves, each with slow_min_samples TTFT samples) is slow,
+    # judged every slow_check_s; after slow_hold_s slow it gets a trial (fresh samples).
     slow_factor: float = Field(default=3.0, gt=1)
+    slow_min_samples: int = Field(default=10, ge=1)
+    slow_hold_s: float = Field(default=30.0, gt=0)
+    slow_check_s: float = Field(default=1.0, gt=0)
 
 
 class HealthSettings(_Section):

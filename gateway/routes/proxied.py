@@ -16,9 +16,12 @@ Example::
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from functools import partial
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.admission import disconnected
 from gateway.context import current_request_id
 from gateway.errors import (
     GatewayError,
@@ -29,10 +32,12 @@ from gateway.errors import (
 )
 from gateway.exchange import ProxyPlan
 from gateway.middleware import ConcurrencyGuard, declared_too_large, read_body
-from gateway.parsing import Kind, parse_request
+from gateway.parsing import Kind, RequestFields, parse_request
 from gateway.principal import Principal
+from gateway.quota import UNLIMITED, Quota, admit
 from gateway.router import ROUTING_HEADER
 from gateway.services import Services
+from gateway.streamusage import with_include_usage
 
 PROXIED_PATHS: dict[str, Kind] = {kind.value: kind for kind in Kind}
 _FORWARDED = (b"accept", b"user-agent")
@@ -54,12 +59,12 @@ class ProxiedRoutes:
             return
         started = time.perf_counter()
         services: Services = scope["state"]["services"]
+        quota = UNLIMITED
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed here")
             with self.guard:
                 headers: dict[bytes, bytes] = dict(scope["headers"])
-                # principal: used for model access and limits
                 principal = services.keys.authenticate(_text(headers.get(b"authorization")))
                 refused = declared_too_large(headers.get(b"content-length"), self.max_body_bytes)
                 if refused is not None:
@@ -67,44 +72,74 @@ class ProxiedRoutes:
                 body = await read_body(receive, self.max_body_bytes)
                 if body is None:
                     return  # the client left while sending its body: nobody will read an answer
-                plan = await _plan(services, headers, body, kind, started, principal)
+                fields = parse_request(body, kind)
+                model, adapter, listed = _resolve_model(services, fields.model, principal)
+                quota = await admit(
+                    services.limiter, principal, fields, kind, services.settings.limits
+                )
+                incoming = Incoming(kind, headers, body, started, fields, model, adapter, listed)
+                plan = await _plan(services, incoming, quota, receive, principal.priority)
                 await services.proxy.serve(plan, receive, send)
         except GatewayError as exc:  # raised before the proxy answered anything
-            await send_error(send, exc)
+            quota.refund()  # nothing reached an engine: the reserved tokens go back
+            await send_error(send, exc, quota.headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One proxied request once authenticated, parsed and resolved (before routing)."""
+
+    kind: Kind
+    headers: dict[bytes, bytes]
+    body: bytes
+    started: float
+    fields: RequestFields
+    model: str  # the base model
+    adapter: str | None
+    listed: bool  # an engine lists the model (else it is labelled "other" in metrics)
 
 
 async def _plan(
-    services: Services,
-    headers: dict[bytes, bytes],
-    body: bytes,
-    kind: Kind,
-    started: float,
-    principal: Principal,
+    services: Services, incoming: Incoming, quota: Quota, receive: Receive, priority: int
 ) -> ProxyPlan:
-    fields = parse_request(body, kind)
-    model, adapter, listed = _resolve_model(services, fields.model, principal)
+    fields, headers, body = incoming.fields, incoming.headers, incoming.body
+    strip_usage = quota.meters_tokens and fields.stream and not fields.include_usage
+    if strip_usage:
+        body = with_include_usage(body)  # settle on the engine's usage; the proxy hides it
     routing = services.settings.routing
     policy = services.router.policy(_text(headers.get(ROUTING_HEADER.encode())))
-    routed = await services.router.route(
-        kind,
+    route = partial(
+        services.router.route,
+        incoming.kind,
         fields,
-        model=model,
-        adapter=adapter,
+        model=incoming.model,
+        adapter=incoming.adapter,
         policy=policy,
         session_key=_text(headers.get(routing.session_header.encode())),
         explain=routing.debug_header,
     )
+    admission = services.admission
+    if admission.active:  # concurrency caps: wait for room (by priority) or get a 503
+        want = incoming.adapter or incoming.model
+        routed = await admission.admit(
+            route, priority=priority, has_room=admission.room_for(want), gone=disconnected(receive)
+        )
+    else:
+        routed = await route()
     return ProxyPlan(
-        kind=kind,
+        kind=incoming.kind,
         body=body,
         headers=_forward_headers(headers),
         fields=fields,
         route=routed.route,
         decision=routed.decision,
-        started=started,
-        model_label=fields.model if listed else "other",
+        started=incoming.started,
+        model_label=fields.model if incoming.listed else "other",
         route_header=routed.explain() if routing.debug_header else None,
         hooks=routed,
+        response_headers=quota.headers,
+        strip_usage=strip_usage,
+        on_finish=quota.settlement,
     )
 
 
