@@ -124,8 +124,8 @@ def test_metered_stream_hides_the_injected_usage_chunk_and_settles(
     assert all(chunk.choices for chunk in chunks)  # ... and hid the answer from the client
     assert all(chunk.usage is None for chunk in chunks)
     assert asked[-1].choices == [] and asked[-1].usage is not None  # asked: passed through
-    # Each stream reserved its prompt estimate + 40 and used 3 + 3: once settled, a request reserving
-    # 150 fits in the 200 (it would not beside two unsettled reservations). Settlements are
+    # Each stream reserved its prompt estimate + 40 and used 3 + 3: once settled, a request
+    # reserving 150 fits in the 200 (it would not beside two unsettled reservations). Settlements are
     # sent off the request path, so poll (bounded; a refused try is not charged).
     with httpx.Client(timeout=10) as client:
 
