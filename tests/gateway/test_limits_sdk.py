@@ -125,8 +125,9 @@ def test_metered_stream_hides_the_injected_usage_chunk_and_settles(
     assert all(chunk.usage is None for chunk in chunks)
     assert asked[-1].choices == [] and asked[-1].usage is not None  # asked: passed through
     # Each stream reserved its prompt estimate + 40 and used 3 + 3: once settled, a request
-    # reserving 150 fits in the 200 (it would not beside two unsettled reservations). Settlements are
-    # sent off the request path, so poll (bounded; a refused try is not charged).
+    # reserving 150 fits in the 200 (it would not beside two unsettled reservations).
+    # Settlements are sent off the request path, so poll (bounded; a refused try is not
+    # charged).
     with httpx.Client(timeout=10) as client:
 
         def fits() -> bool:
