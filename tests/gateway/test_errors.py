@@ -197,10 +197,13 @@ def test_engine_api_key_is_sent_upstream_and_client_key_is_not(
 
     ((engine, srv),) = start_engines(1)
     engine_config = EngineConfig(url=srv.url, api_key=SecretStr("engine-key"))
-    gw = start_gateway([], engines=[engine_config], api_keys=["sk-client"])
+    gw = start_gateway(
+        [], engines=[engine_config], api_keys=["sk-client"], admin_key="sk-admin-key"
+    )
     ok = client.post(f"{gw.url}/v1/chat/completions", json=CHAT,
                      headers={"authorization": "Bearer sk-client"})  # fmt: skip
     assert ok.status_code == 200
     assert engine.headers[-1]["authorization"] == "Bearer engine-key"
-    probes = client.get(f"{gw.url}/admin/engines", headers={"authorization": "Bearer sk-client"})
+    probes = client.get(f"{gw.url}/admin/engines", headers={"authorization": "Bearer sk-admin-key"})
+    assert probes.status_code == 200 and probes.json()["engines"]
     assert "engine-key" not in probes.text
