@@ -6,6 +6,15 @@ Everything runs on one event loop, so plain attributes need no locks. Routing ne
 ``state.engine.snapshot()`` (:class:`routing.state.EngineState`), which merges the gateway's
 own counters and EWMAs with the last scraped engine metrics.
 
+Each engine also has a passive :class:`gateway.outliers.OutlierDetector` (ejection after
+consecutive failed attempts, half-open probing), all made by the registry's one
+:class:`gateway.outliers.Outliers` pool (the ejection cap, the retry budget, slowness).
+Routing sees an engine only when it is healthy and :meth:`EndpointState.routable`;
+:meth:`EndpointRegistry.routable` drops the others (nothing to do, and no cost, while no
+engine is out). A :class:`Lease` reports its attempt's outcome (:meth:`Lease.passed`,
+:meth:`Lease.failed`) and, when it is released, calls the registry's ``on_release`` hook
+(admission control wakes a waiting request there).
+
 Example::
 
     registry = EndpointRegistry()
@@ -16,15 +25,22 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Iterable, Iterator, Mapping
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.outliers import LatencyView, OutlierDetector, Outliers, Phase
+from gateway.settings import OutlierSettings
 from routing import EndpointSnapshot
 from routing.state import EngineState, Ticket
+
+log = logging.getLogger(__name__)
 
 
 class Health(enum.StrEnum):
@@ -42,10 +58,22 @@ class ModelCard:
     raw: Mapping[str, Any] = field(default_factory=dict)
 
 
+class Pool:
+    """What a registry shares with its engines: the outlier pool, the count of leases alive
+    (admission's global cap) and the hook called when one is released."""
+
+    __slots__ = ("leases", "on_release", "outliers")
+
+    def __init__(self, outliers: Outliers) -> None:
+        self.outliers = outliers
+        self.leases = 0
+        self.on_release: Callable[[], None] | None = None
+
+
 class EndpointState:
     """Per-engine state owned by the registry: health bookkeeping and model cards here, load
     counters and EWMAs in ``engine`` (a :class:`routing.state.EngineState`, which a metrics
-    scraper feeds with ``engine.observe_metrics``)."""
+    scraper feeds with ``engine.observe_metrics``), passive ejection in ``outlier``."""
 
     __slots__ = (
         "consecutive_failures",
@@ -56,6 +84,8 @@ class EndpointState:
         "kv_events",
         "last_error",
         "models",
+        "outlier",
+        "pool",
         "static_models",
         "upstream_headers",
         "url",
@@ -70,8 +100,12 @@ class EndpointState:
         *,
         api_key: str | None = None,
         kv_events: str | None = None,
+        pool: Pool | None = None,
     ) -> None:
         self.id = endpoint_id
+        # A registry passes its pool; a lone state (tests) gets one of its own.
+        self.pool = pool or Pool(Outliers(OutlierSettings(), clock=time.monotonic))
+        self.outlier: OutlierDetector = self.pool.outliers.detector()
         self.url = url
         self.kv_events = kv_events  # the engine's KV-event PUB endpoint (tcp://...), if any
         # Sent with every request to this engine (vLLM's --api-key); never logged or shown.
@@ -99,7 +133,8 @@ class EndpointState:
         placed: bool = False,
     ) -> Lease:
         """Count one request in flight here until the lease is released (see :class:`Lease`);
-        ``cached_tokens`` is the expected prefix-cache hit (not queued as prefill work)."""
+        ``cached_tokens`` is the expected prefix-cache hit (not queued as prefill work). On a
+        half-open engine the lease is its one probe."""
         ticket = self.engine.begin(
             prompt_tokens=prompt_tokens,
             max_tokens=max_tokens,
@@ -107,7 +142,13 @@ class EndpointState:
             seq=seq,
             placed=placed,
         )
-        return Lease(self, ticket)
+        self.pool.leases += 1
+        outlier = self.outlier
+        return Lease(self, ticket, probe=outlier.phase is not Phase.CLOSED and outlier.take_probe())
+
+    def routable(self) -> bool:
+        """Not ejected, nor half-open with its probe already out (health is separate)."""
+        return self.outlier.routable()
 
     @property
     def healthy(self) -> bool:
@@ -161,8 +202,18 @@ class EndpointState:
             "in_flight": self.in_flight,
             "models": [card.id for card in self.models],
             "last_error": self.last_error,
+            "outlier": self._outlier(),
+            "slow": self.engine.snapshot().slow,
             **self._scraped(),
         }
+
+    def _outlier(self) -> dict[str, Any]:
+        outlier = self.outlier
+        outlier.routable()  # an ejection whose time is up shows as half-open
+        detail: dict[str, Any] = {"state": outlier.phase.value, "ejections": outlier.ejections}
+        if outlier.phase is Phase.EJECTED:
+            detail["remaining_s"] = round(outlier.remaining_s(), 3)
+        return detail
 
     def _scraped(self) -> dict[str, Any]:
         snap = self.engine.snapshot()
@@ -186,9 +237,18 @@ class ModelEntry:
 
 
 class EndpointRegistry:
-    """The set of engines; add/remove at any time (in-flight leases keep their state object)."""
+    """The set of engines; add/remove at any time (in-flight leases keep their state object).
+    ``outliers`` configures passive ejection, the retry budget and slowness (defaults when
+    omitted); ``clock`` is theirs (monotonic seconds)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        outliers: OutlierSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.outliers = Outliers(outliers or OutlierSettings(), clock=clock)
+        self.pool = Pool(self.outliers)
         self._states: dict[str, EndpointState] = {}
         self._seq = 0
         self._version = 0  # bumped by add/remove
@@ -206,14 +266,18 @@ class EndpointRegistry:
         eid = endpoint_id or default_endpoint_id(url)
         if eid in self._states:
             raise KeyError(f"endpoint {eid!r} already registered")
-        state = EndpointState(eid, url.rstrip("/"), models, api_key=api_key, kv_events=kv_events)
+        state = EndpointState(
+            eid, url.rstrip("/"), models, api_key=api_key, kv_events=kv_events, pool=self.pool
+        )
         self._states[eid] = state
         self._version += 1
         return state
 
     def remove(self, endpoint_id: str) -> EndpointState:
+        state = self._states.pop(endpoint_id)
         self._version += 1
-        return self._states.pop(endpoint_id)
+        self.outliers.retire(state.outlier)
+        return state
 
     def get(self, endpoint_id: str) -> EndpointState | None:
         return self._states.get(endpoint_id)
@@ -231,6 +295,46 @@ class EndpointRegistry:
 
     def snapshots(self) -> list[EndpointSnapshot]:
         return [state.snapshot() for state in self._states.values()]
+
+    def routable(self, snapshots: list[EndpointSnapshot]) -> list[EndpointSnapshot]:
+        """``snapshots`` without the engines that are ejected or half-open with their probe
+        out; the same list, at no cost, while no engine is out."""
+        if not self.outliers.out:
+            return snapshots
+        states = self._states
+        return [s for s in snapshots if (st := states.get(s.id)) is None or st.routable()]
+
+    @property
+    def leases(self) -> int:
+        """Leases alive: attempts this process has in flight on any engine."""
+        return self.pool.leases
+
+    def check_slow(self) -> frozenset[str]:
+        """Re-judge which engines are slow (:class:`gateway.outliers.SlowDetector`) and set
+        the verdict in their snapshots; returns the slow ones."""
+        states = list(self._states.values())
+        views = []
+        for state in states:
+            ttft, samples = state.engine.ttft
+            views.append(LatencyView(state.id, state.engine.snapshot().models, state.healthy,
+                                     ttft, samples))  # fmt: skip
+        slow = self.outliers.slow.update(views)
+        for state in states:
+            is_slow = state.id in slow
+            if is_slow != state.engine.snapshot().slow:
+                if is_slow:
+                    log.warning("engine %s is slow: routing avoids it while others serve",
+                                state.id)  # fmt: skip
+                else:
+                    log.info("engine %s is no longer judged slow", state.id)
+            state.engine.set_slow(is_slow)
+        return slow
+
+    async def run_slow_checks(self) -> None:
+        """Judge slowness every ``outliers.slow_check_s``, forever (a supervised task)."""
+        while True:
+            await asyncio.sleep(self.outliers.settings.slow_check_s)
+            self.check_slow()
 
     def any_healthy(self) -> bool:
         return any(state.healthy for state in self._states.values())
@@ -262,13 +366,15 @@ class Lease:
 
     Bound to its engine, so the proxy never touches :mod:`routing.state` itself. Released
     exactly once, however the attempt ends (``with`` block exit, or :meth:`release`).
+    ``probe``: this attempt is its half-open engine's one probe (its outcome decides).
     """
 
-    __slots__ = ("_ticket", "state")
+    __slots__ = ("_ticket", "probe", "state")
 
-    def __init__(self, state: EndpointState, ticket: Ticket) -> None:
+    def __init__(self, state: EndpointState, ticket: Ticket, *, probe: bool = False) -> None:
         self.state = state
         self._ticket = ticket
+        self.probe = probe
 
     @property
     def first_token_seen(self) -> bool:
@@ -281,8 +387,33 @@ class Lease:
     def tokens(self, *, n: int, itl_s: float | None = None) -> None:
         self.state.engine.tokens(self._ticket, n=n, itl_s=itl_s)
 
+    def passed(self) -> None:
+        """The engine answered < 500 (a success for outlier detection)."""
+        self.state.outlier.success(probe=self.probe)
+
+    def failed(self) -> None:
+        """The attempt failed: a 5xx, a connect error, a timeout. Logs an ejection."""
+        state = self.state
+        if state.outlier.failure(probe=self.probe):
+            log.warning(
+                "engine %s ejected for %.1fs after failed attempts (ejection %d)",
+                state.id,
+                state.outlier.remaining_s(),
+                state.outlier.ejections,
+            )
+
     def release(self) -> None:
-        self.state.engine.finish(self._ticket)
+        ticket = self._ticket
+        if ticket.done:
+            return
+        state = self.state
+        state.engine.finish(ticket)
+        pool = state.pool
+        pool.leases -= 1
+        if self.probe:
+            state.outlier.probe_ended()
+        if pool.on_release is not None:
+            pool.on_release()
 
     def __enter__(self) -> Lease:
         return self

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.endpoints import EndpointRegistry
@@ -33,7 +33,8 @@ _BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class _EndpointCollector(Collector):
-    """In-flight and health gauges read live from the endpoint registry."""
+    """In-flight, health, outlier and slowness gauges read live from the endpoint registry,
+    and the retry budget's refusals."""
 
     def __init__(self, endpoints: EndpointRegistry) -> None:
         self._endpoints = endpoints
@@ -64,10 +65,28 @@ class _EndpointCollector(Collector):
             "Engine KV-cache usage 0..1 (last scrape)",
             labels=["endpoint"],
         )
+        ejected = GaugeMetricFamily(
+            "switchyard_outlier_ejected",
+            "1 while the engine is ejected or half-open after consecutive failures, else 0",
+            labels=["endpoint"],
+        )
+        ejections = CounterMetricFamily(
+            "switchyard_outlier_ejections",
+            "Times the engine was ejected after consecutive failures",
+            labels=["endpoint"],
+        )
+        slow = GaugeMetricFamily(
+            "switchyard_engine_slow",
+            "1 while the engine's TTFT is far above its peers' median (routing avoids it)",
+            labels=["endpoint"],
+        )
         for state in self._endpoints:
             snap = state.snapshot()
             in_flight.add_metric([state.id], snap.in_flight)
             healthy.add_metric([state.id], 1.0 if state.healthy else 0.0)
+            ejected.add_metric([state.id], 0.0 if state.outlier.closed else 1.0)
+            ejections.add_metric([state.id], state.outlier.ejections)
+            slow.add_metric([state.id], 1.0 if snap.slow else 0.0)
             if snap.scraped_at is not None:
                 scraped.add_metric([state.id], snap.scraped_at)
                 waiting.add_metric([state.id], snap.waiting)
@@ -77,6 +96,15 @@ class _EndpointCollector(Collector):
         yield scraped
         yield waiting
         yield kv_usage
+        yield ejected
+        yield ejections
+        yield slow
+        exhausted = CounterMetricFamily(
+            "switchyard_retry_budget_exhausted",
+            "Failovers refused because retries reached their share of recent requests",
+        )
+        exhausted.add_metric([], self._endpoints.outliers.budget.exhausted)
+        yield exhausted
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +121,9 @@ class GatewayMetrics:
     prefix_hit_blocks: Histogram
     scrape_errors: Counter
     health_transitions: Counter
+    admission_queue_depth: Gauge
+    admission_wait: Histogram
+    admission_shed: Counter
     _request_children: dict[tuple[str, str, int], tuple[Counter, Histogram, Histogram]] = field(
         default_factory=dict, repr=False
     )
@@ -148,7 +179,8 @@ class GatewayMetrics:
                 "switchyard_routing_decisions_total",
                 "Routing decisions by policy and prefix outcome (hit: the chosen engine holds"
                 " the longest known prefix; spill: another one does; cold: none does;"
-                " no_endpoint: nothing passed the filters)",
+                " no_endpoint: nothing passed the filters; saturated: every engine that"
+                " could serve is at its admission cap; ejected: only ejected engines could)",
                 ["policy", "outcome"],
                 registry=reg,
             ),
@@ -175,6 +207,24 @@ class GatewayMetrics:
                 "switchyard_endpoint_health_transitions_total",
                 "Engine health state changes",
                 ["endpoint", "state"],
+                registry=reg,
+            ),
+            admission_queue_depth=Gauge(
+                "switchyard_admission_queue_depth",
+                "Requests waiting for room under the concurrency caps",
+                registry=reg,
+            ),
+            admission_wait=Histogram(
+                "switchyard_admission_wait_seconds",
+                "Time requests that found no room spent in the wait queue (admitted or shed)",
+                buckets=_LATENCY_BUCKETS,
+                registry=reg,
+            ),
+            admission_shed=Counter(
+                "switchyard_admission_shed_total",
+                "Requests answered 503 by admission control, by reason (queue_full, timeout,"
+                " shutdown, disconnect)",
+                ["reason"],
                 registry=reg,
             ),
         )

@@ -19,7 +19,11 @@ Three objects, after starlette's middleware responders and httpx's ``_send_*`` c
   client: on connect errors, connection resets, and retryable 5xx statuses. The first body
   chunk is read before the client sees any header, so an engine that dies right after
   accepting is still retried. After headers are sent, a failure ends an SSE stream with one
-  ``data: {"error": ...}`` event (non-SSE bodies are cut). Every request is accounted once:
+  ``data: {"error": ...}`` event (non-SSE bodies are cut). A failover spends the retry
+  budget (:class:`gateway.outliers.RetryBudget`: when it is exhausted the last error is the
+  answer), and each attempt's outcome before the commit (a 5xx, a connect error, a timeout,
+  or an answer < 500) feeds its engine's outlier detector; ejected engines are skipped.
+  Every request is accounted once:
   metrics, :class:`~gateway.exchange.RouteHooks`, :class:`~gateway.exchange.RequestObserver`;
 * :class:`Attempt` -- one engine's try: its :class:`~gateway.endpoints.Lease` (in-flight
   counters, released however the attempt ends), the upstream response, and the relay:
@@ -226,9 +230,11 @@ class Exchange:
         ranked = plan.decision.ranked[: proxy.settings.max_attempts]
         last_exc: GatewayError = NoHealthyEndpoint("no engine could take the request")
         placed = is_placement(route, (s.id for s in plan.decision.ranked))
+        budget = proxy.endpoints.outliers.budget  # failovers: a share of recent requests
+        budget.request()
         for index, snap in enumerate(ranked):
             state = proxy.endpoints.get(snap.id)
-            if state is None:  # removed since the decision
+            if state is None or not state.routable():  # removed or ejected since the decision
                 continue
             if index:
                 proxy.metrics.retries.labels(model=plan.model_label).inc()
@@ -244,18 +250,24 @@ class Exchange:
             with lease:
                 try:
                     if not await attempt.open(last=last):
-                        continue  # a retryable status: the next engine
+                        lease.failed()
+                        continue  # a retryable status, and the budget allows a retry
                     first = await attempt.first_chunk()
                 except UpstreamError as exc:
                     attempt.close()
+                    lease.failed()
                     proxy.attempt_failed(state, exc)
                     if self.started:  # committed by keep-alive comments: end the stream
                         await self.end_stream(state, exc)
                         return
                     last_exc = exc
-                    if exc.retryable and not last:
+                    if exc.retryable and not last and budget.retry():
                         continue
                     raise
+                if attempt.response is not None and attempt.response.status >= 500:
+                    lease.failed()  # relayed as it is (the last engine, or no retry left)
+                else:
+                    lease.passed()
                 try:
                     await attempt.relay(first)
                 finally:
@@ -349,8 +361,8 @@ class Attempt:
         self.complete = False  # the whole upstream body was read: the connection is reusable
 
     async def open(self, *, last: bool) -> bool:
-        """Send the request; False when the engine answered a retryable status and another
-        engine is left to try (the response is dropped)."""
+        """Send the request; False when the engine answered a retryable status, another
+        engine is left to try and the retry budget allows it (the response is dropped)."""
         plan, state = self.exchange.plan, self.lease.state
         proxy = self.exchange.proxy
         headers = (
@@ -362,7 +374,8 @@ class Attempt:
             )
         status = self.response.status
         self.sse = self.response.headers.get("content-type", "").startswith("text/event-stream")
-        if status in proxy.settings.retry_statuses and not last:
+        retry = status in proxy.settings.retry_statuses and not last
+        if retry and proxy.endpoints.outliers.budget.retry():
             proxy.metrics.upstream_errors.labels(endpoint=state.id, kind=f"http_{status}").inc()
             log.warning("engine %s answered %d; trying the next", state.id, status)
             self.close()

@@ -6,7 +6,9 @@ Per request (:meth:`Router.route`): pick the policy (config default, or the
 prompt into prefix blocks (:mod:`gateway.prefix`) and look them up in the one
 :class:`kvcache.PrefixIndex` (``RouteRequest.prefix_blocks``) -- other policies skip both,
 and their requests record nothing in the approximate index; admit the user to the VTC
-counters (fairness), and call ``Policy.choose`` on the endpoint snapshots. The returned
+counters (fairness), and call ``Policy.choose`` on the endpoint snapshots, less the engines
+that are ejected (:mod:`gateway.outliers`) or at an admission cap (when the caps leave none
+for the model: :class:`gateway.admission.Saturated`, and the request waits). The returned
 :class:`Routed` carries the hooks the proxy calls: ``committed`` when an engine's first
 byte is relayed (records the prefix in the approximate index for that engine, if it
 answered < 400) and ``finished`` once per request (charges and releases the user's VTC
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.admission import Saturated, why_empty
 from gateway.endpoints import EndpointRegistry
 from gateway.errors import InvalidField, NoHealthyEndpoint
 from gateway.exchange import FinishedRequest
@@ -169,6 +172,14 @@ class Router:
         else:  # nothing reads the prefix: no hashing, no lookup, nothing recorded
             blocks = NO_BLOCKS
         matched = self.index.match(blocks.hashes) if blocks.hashes else {}
+        # Admission caps (gateway/admission.py): no await from here to the proxy's lease.
+        caps = self.settings.admission
+        if caps.max_in_flight is not None and self.endpoints.leases >= caps.max_in_flight:
+            raise Saturated("the gateway is at max_in_flight")
+        routable = self.endpoints.routable(snapshots)  # without ejected engines
+        roomy = routable
+        if caps.max_per_engine is not None:
+            roomy = [s for s in routable if s.in_flight < caps.max_per_engine]
         user = fields.user
         fairness = self.vtc.admit(user) if user else None
         route = RouteRequest(
@@ -186,11 +197,19 @@ class Router:
             fairness=fairness,
         )
         try:
-            decision = policy.choose(route, snapshots, explain=explain)
+            decision = policy.choose(route, roomy, explain=explain)
         except NoEndpointError as exc:
             if user:
                 self.vtc.release(user)
-            self.metrics.decisions.labels(policy=policy.name, outcome="no_endpoint").inc()
+            why = why_empty(policy, route, everything=snapshots, routable=routable, roomy=roomy)
+            self.metrics.decisions.labels(policy=policy.name, outcome=why or "no_endpoint").inc()
+            if why == "saturated":
+                raise Saturated(f"every engine serving `{fields.model}` is at its cap") from exc
+            if why == "ejected":
+                raise NoHealthyEndpoint(
+                    f"every engine serving model `{fields.model}` is ejected after failed"
+                    " requests; retry shortly"
+                ) from exc
             raise NoHealthyEndpoint(
                 f"no healthy engine serves model `{fields.model}` (filter: {exc.reason})"
             ) from exc

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from routing.filters import Healthy, NotSaturated, ServesModel
+from routing.filters import Healthy, NotSaturated, NotSlow, ServesModel
 from routing.pickers import MaxScorePicker, PowerOfTwoPicker, RandomPicker, RoundRobinPicker
 from routing.policy import Policy
 from routing.scorers.fairness import Fairness
@@ -43,7 +43,7 @@ __all__ = [
 
 PolicyBuilder = Callable[[], Policy]
 
-_BASE_FILTERS = (Healthy(), ServesModel())
+_BASE_FILTERS = (Healthy(), ServesModel(), NotSlow())
 
 
 class ProfileError(ValueError):
@@ -62,7 +62,12 @@ class Plugins:
 def builtin_plugins() -> Plugins:
     """Every built-in filter, scorer and picker by ``type`` name."""
     return Plugins(
-        filters={"healthy": Healthy, "serves-model": ServesModel, "saturation": NotSaturated},
+        filters={
+            "healthy": Healthy,
+            "serves-model": ServesModel,
+            "saturation": NotSaturated,
+            "not-slow": NotSlow,
+        },
         scorers={
             "least-request": LeastRequest,
             "least-kv-cache": LeastKvCache,

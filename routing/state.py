@@ -69,7 +69,9 @@ class EngineState:
         "_recent",
         "_remote",
         "_scraped_at",
+        "_slow",
         "_ttft",
+        "_ttft_samples",
         "completed",
         "endpoint_id",
         "output_tokens_total",
@@ -90,6 +92,8 @@ class EngineState:
         self._recent = 0.0
         self._placed = 0.0
         self._ttft: float | None = None
+        self._ttft_samples = 0
+        self._slow = False
         self._itl: float | None = None
         self._metrics = EngineMetrics()
         self._scraped_at: float | None = None
@@ -141,6 +145,7 @@ class EngineState:
         ticket.started = True
         self._prefill_tokens -= ticket.uncached_tokens
         self._ttft = self._ewma(self._ttft, ttft_s)
+        self._ttft_samples += 1
         self._cached = None
 
     def tokens(self, ticket: Ticket, *, n: int = 1, itl_s: float | None = None) -> None:
@@ -196,6 +201,17 @@ class EngineState:
             self._healthy = healthy
             self._cached = None
 
+    def set_slow(self, slow: bool) -> None:
+        """The gateway's slowness verdict (``EndpointSnapshot.slow``)."""
+        if slow != self._slow:
+            self._slow = slow
+            self._cached = None
+
+    @property
+    def ttft(self) -> tuple[float | None, int]:
+        """The TTFT EWMA and how many first tokens it has seen."""
+        return self._ttft, self._ttft_samples
+
     def set_models(self, models: frozenset[str]) -> None:
         if models != self._models:
             self._models = models
@@ -229,6 +245,7 @@ class EngineState:
                 recent_routed=self._recent,
                 recent_placed=self._placed,
                 last_routed_seq=self._last_seq,
+                slow=self._slow,
             )
         return self._cached
 

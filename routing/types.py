@@ -78,6 +78,9 @@ class EndpointSnapshot:
     ties least-recently-routed first, so tied (cold, idle) traffic rotates over endpoints
     even one request at a time; on ties alone a newly added endpoint gets one turn, not a
     burst (the prefix-cache balance term then lets it catch up to its share)."""
+    slow: bool = False
+    """The gateway judged this engine slow: its TTFT EWMA is well above its peers' median
+    (:mod:`gateway.outliers`). :class:`routing.filters.NotSlow` avoids it while others remain."""
 
     @property
     def load(self) -> int:

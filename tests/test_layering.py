@@ -93,6 +93,8 @@ SAME_LAYER_ALLOWED: dict[str, frozenset[str]] = {
     # Keys and limits share state through the one Redis link.
     "gateway.ratelimit": frozenset({"gateway.redislink", "gateway.ratelimit_rules"}),
     "gateway.keys": frozenset({"gateway.redislink"}),
+    # Admission meters its queue and lets the shutdown drain end its waiters.
+    "gateway.admission": frozenset({"gateway.metrics", "gateway.shutdown"}),
     # Leaves: shared request types and the modules every layer uses; nothing above them.
     "gateway.context": frozenset(),
     "gateway.settings": frozenset(),

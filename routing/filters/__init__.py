@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from routing.filters.basic import Healthy, ServesModel
 from routing.filters.saturation import NotSaturated
+from routing.filters.slow import NotSlow
 
-__all__ = ["Healthy", "NotSaturated", "ServesModel"]
+__all__ = ["Healthy", "NotSaturated", "NotSlow", "ServesModel"]
