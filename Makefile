@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# make run REDIS=1: also a private redis-server (installed when missing): shared state mode.
 run: $(STAMP)
-	$(VENV)/bin/switchyard up --port $(PORT) --engines $(ENGINES)
+	$(if $(REDIS),bash scripts/services.sh,)
+	$(VENV)/bin/switchyard up --port $(PORT) --engines $(ENGINES) $(if $(REDIS),--redis,)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

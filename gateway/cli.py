@@ -53,6 +53,7 @@ def up(
     engine_base_port: int = typer.Option(0, help="first engine port (0: free ports)"),
     model: str | None = typer.Option(None, help="served model name (default: profile's)"),
     config: str | None = typer.Option(None, help="optional switchyard.yaml for gateway settings"),
+    redis: bool = typer.Option(False, help="also start a private redis-server: shared state"),
 ) -> None:
     """Quickstart: the gateway on 127.0.0.1 with simulated engines, nothing else needed."""
     from gateway.logs import configure_logging
@@ -68,6 +69,7 @@ def up(
         speed=speed,
         engine_base_port=engine_base_port,
         model=model,
+        redis=redis,
     )
     _run(run, uvloop=settings.server.uvloop)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import httpx
 
 from tests.gateway.test_cli import SWITCHYARD
 from tests.processes import reap
@@ -48,6 +51,32 @@ def test_up_prints_a_snippet_that_works_and_ctrl_c_stops_cleanly(tmp_path: Path)
         assert reply.strip() and streamed.strip()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
+    finally:
+        reap(proc)
+        log.close()
+    assert "Traceback" not in (tmp_path / "up.log").read_text()
+
+
+def test_up_with_redis_runs_its_own_redis_and_stops_it(tmp_path: Path) -> None:
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen(
+        [SWITCHYARD, "up", "--port", "0", "--engines", "1", "--speed", "20", "--redis"],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        banner = _banner(proc)
+        match = re.search(r"shared state in Redis at redis://127\.0\.0\.1:(\d+)/0", banner)
+        assert match, banner
+        gateway = re.search(r"http://127\.0\.0\.1:\d+", banner)
+        assert gateway is not None
+        ready = httpx.get(f"{gateway.group(0)}/ready", timeout=10).json()
+        assert ready["redis"]["status"] == "up" and ready["redis"]["replicas"] == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        with socket.socket() as sock:  # the private redis-server went with the gateway
+            assert sock.connect_ex(("127.0.0.1", int(match.group(1)))) != 0
     finally:
         reap(proc)
         log.close()
