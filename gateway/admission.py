@@ -108,6 +108,7 @@ class Admission:
         self._rooms: dict[str, Callable[[], bool]] = {}
         self._last_release: float | None = None
         self._gap: float | None = None  # EWMA of the time between releases
+        self._timer: asyncio.TimerHandle | None = None  # the queue's periodic re-check
         if self.active:
             endpoints.pool.on_release = self.notify
 
@@ -222,9 +223,7 @@ class Admission:
             now = loop.time()
             if now >= deadline:
                 raise self._shed("timeout", ahead=self._ahead(waiter))
-            await asyncio.wait((waiter.future,), timeout=min(deadline - now, RECHECK_S))
-            if not waiter.future.done():
-                self._dispatch()  # room may have appeared with no local release
+            await asyncio.wait((waiter.future,), timeout=deadline - now)
 
     async def _watch(self, waiter: _Waiter, gone: Callable[[], Awaitable[object]]) -> None:
         with contextlib.suppress(Exception):  # a server whose receive() fails: stop watching
@@ -256,6 +255,14 @@ class Admission:
                         waiter.future.set_result(None)
                     return
 
+    def _recheck(self) -> None:
+        """Every :data:`RECHECK_S` while anybody waits: room may have appeared with no local
+        release. One timer for the whole queue, not one per waiter."""
+        self._timer = None
+        self._dispatch()
+        if self.depth:
+            self._timer = asyncio.get_running_loop().call_later(RECHECK_S, self._recheck)
+
     def _sleep(self, waiter: _Waiter) -> None:
         waiter.woken = False
         self._woken -= 1
@@ -269,6 +276,8 @@ class Admission:
             bisect.insort(self._order, key)
         queue.append(waiter)
         self.depth += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(RECHECK_S, self._recheck)
         if self.metrics is not None:
             self.metrics.admission_queue_depth.set(self.depth)
 
@@ -283,6 +292,9 @@ class Admission:
             waiter.woken = False
             self._woken -= 1
         self.depth -= 1
+        if not self.depth and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.metrics is not None:
             self.metrics.admission_queue_depth.set(self.depth)
 

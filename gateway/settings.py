@@ -220,9 +220,11 @@ class RedisSettings(_Section):
 class AdmissionSettings(_Section):
     """Concurrency caps with a bounded priority wait queue instead of an instant 503.
     ``max_per_engine`` caps the gateway's requests in flight on one engine (across replicas
-    when Redis shares the counts; None = no cap); ``max_in_flight`` caps proxied requests in
-    flight in this process. A request that finds no room waits up to ``queue_timeout_s`` in a
-    queue of at most ``queue_size``, higher priority first, then gets 503 with retry-after."""
+    when Redis shares the counts; None = no cap); ``max_in_flight`` caps the attempts this
+    process has in flight on engines (None = no cap). A request that finds no room waits up
+    to ``queue_timeout_s`` in a queue of at most ``queue_size`` (0: shed at once), higher
+    priority first (its key's or tenant's), then gets 503 with retry-after
+    (:mod:`gateway.admission`)."""
 
     max_per_engine: int | None = Field(default=None, gt=0)
     max_in_flight: int | None = Field(default=None, gt=0)

@@ -400,3 +400,21 @@ def test_shed_answers_503_with_retry_after(
     assert int(shed.headers["retry-after"]) >= 1
     assert int(shed.headers["retry-after-ms"]) >= 1000
     assert engine.requests == 1
+
+
+def test_a_client_that_leaves_while_waiting_leaves_the_queue(
+    start_engines: StartEngines, start_gateway: StartGateway
+) -> None:
+    ((engine, srv),) = start_engines(1, ttft=2.0)
+    gw = start_gateway([srv.url], admission={"max_per_engine": 1, "queue_timeout_s": 30.0})
+    left = 'switchyard_admission_shed_total{reason="disconnect"} 1.0'
+    with httpx.Client(timeout=30.0) as client, ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(_chat, client, gw.url)
+        assert wait_until(lambda: engine.running == 1)
+        with httpx.Client(timeout=0.2) as impatient, pytest.raises(httpx.ReadTimeout):
+            _chat(impatient, gw.url)  # waits in the queue, then hangs up
+        assert wait_until(lambda: left in client.get(f"{gw.url}/metrics").text)
+        assert busy.result().status_code == 200
+        metrics = client.get(f"{gw.url}/metrics").text
+    assert "switchyard_admission_queue_depth 0.0" in metrics
+    assert engine.requests == 1  # the one that left never reached the engine
