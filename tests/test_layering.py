@@ -74,7 +74,7 @@ GATEWAY_LAYERS: tuple[frozenset[str], ...] = tuple(
         {"gateway.services"},
         {"gateway.sharedstate"},  # replicas' routing state through Redis
         {"gateway.proxy", "gateway.router", "gateway.health", "gateway.scraper",
-         "gateway.kvevents"},  # fmt: skip
+         "gateway.kvevents", "gateway.quota"},  # fmt: skip
         {"gateway.metrics", "gateway.prefix", "gateway.upstream", "gateway.middleware",
          "gateway.responses", "gateway.server", "gateway.shutdown", "gateway.admission",
          "gateway.ratelimit", "gateway.ratelimit_rules", "gateway.keys", "gateway.redislink",
