@@ -421,7 +421,9 @@ class KeyStore:
         async def load(r: Any) -> tuple[int, dict[bytes, KeyRecord]]:
             async with r.pipeline(transaction=True) as pipe:
                 pipe.get(version_key)
-                pipe.hgetall(hash_key)
+                # Not pipe.hgetall: redis-py 6.4's cluster MULTI hands its keys= argument to
+                # the reply parser (TypeError); the raw command parses the same everywhere.
+                pipe.execute_command("HGETALL", hash_key)
                 raw_version, raw = await pipe.execute()
             return int(raw_version or 0), self._parse(raw)
 

@@ -12,6 +12,19 @@ background probe (``PING`` every ``retry_s``) closes it again when Redis answers
 recovers without a restart. Health is exported (``switchyard_redis_up``,
 ``switchyard_redis_errors_total``) and shown in ``/ready`` (never the URL's password).
 
+Deployments (:mod:`gateway.redisurl` parses the URL): one server (``redis://``,
+``rediss://``, ``unix://``); a Sentinel-managed master (``redis+sentinel://h:26379,.../
+service/db``: the sentinels are asked where the master is on every new connection, so a
+failover is followed without a restart; the URL's user and password are the master's, the
+sentinels are asked without them); a Redis Cluster (``redis+cluster://h:p,...``). On a
+cluster :meth:`RedisLink.key` wraps the whole prefix in braces (``{switchyard}:...``): every
+key of this gateway hashes to ONE slot, so the multi-key scripts and the key store's
+WATCH/MULTI transaction work, and all of Switchyard's load sits on one shard (small: one
+batched limiter call per event-loop tick per replica, one routing sync per
+``sync_interval_s``). The same bounds (timeouts, no client retries, ``max_connections`` per
+server) apply to every kind. Tested on one redis-server, one master + one sentinel, and a
+three-master cluster (tests/gateway/test_redis_topologies.py).
+
 Without ``redis_url`` there is no link at all (``Services.redis`` is None).
 
 Example::
@@ -26,15 +39,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 
+from gateway.redisurl import RedisTarget, parse_redis_url
 from gateway.settings import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -43,19 +59,32 @@ T = TypeVar("T")
 TIMEOUTS_TO_OPEN = 3
 """Timed-out calls in a row that open the breaker (a refused connection opens it at once)."""
 
-__all__ = ["RedisCollector", "RedisLink", "redact_url"]
+# What a failed call raises: redis-py's errors, socket errors, our deadline, and the cluster
+# client's own exception (not a RedisError: "cannot be connected", no slot coverage...).
+REDIS_ERRORS = (aioredis.RedisError, RedisClusterException, OSError, TimeoutError)
+
+__all__ = ["RedisCollector", "RedisLink", "cluster_prefix", "redact_url"]
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password (for logs and ``/ready``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` without its password (for logs and ``/ready``); any scheme, several hosts."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hosts}{slash}{tail}"
+
+
+def cluster_prefix(prefix: str) -> str:
+    """``key_prefix`` as one hash tag: ``switchyard:`` -> ``{switchyard}:``. Redis hashes a
+    key by its FIRST ``{...}``, so every key under it (``{switchyard}:{rl}:...`` too) lives
+    in one slot."""
+    name = prefix.rstrip(":")
+    if not name:
+        raise ValueError("redis.key_prefix must not be empty with a Redis Cluster URL")
+    return "{" + name + "}" + prefix[len(name) :]
 
 
 class RedisLink:
@@ -68,11 +97,15 @@ class RedisLink:
         *,
         url: str,
         clock: Callable[[], float] = time.monotonic,
+        cluster: bool = False,
+        also_close: tuple[aioredis.Redis, ...] = (),
     ) -> None:
         self.client = client
+        self._also_close = also_close  # the sentinels' own clients
         self.settings = settings
         self.url = redact_url(url)
-        self.prefix = settings.key_prefix
+        self.cluster = cluster
+        self.prefix = cluster_prefix(settings.key_prefix) if cluster else settings.key_prefix
         self._clock = clock
         self.up = True  # optimistic until the first call says otherwise
         self.last_error: str | None = None
@@ -84,19 +117,27 @@ class RedisLink:
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisLink:
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=settings.timeout_s,
-            socket_connect_timeout=settings.timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            max_connections=settings.max_connections,
-            health_check_interval=0,
-        )
+        """The client for ``url`` (any form of :mod:`gateway.redisurl`; ``ValueError`` for a
+        bad one). Connects lazily: nothing is sent before the first call."""
+        target = parse_redis_url(url)
+        bounds: dict[str, Any] = {
+            "socket_timeout": settings.timeout_s,
+            "socket_connect_timeout": settings.timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+            "max_connections": settings.max_connections,
+            "health_check_interval": 0,
+        }
+        if target.kind == "sentinel":
+            master, sentinels = _sentinel_master(target, bounds)
+            return cls(master, settings, url=url, also_close=sentinels)
+        if target.kind == "cluster":
+            return cls(_cluster(target, bounds), settings, url=url, cluster=True)
+        client = aioredis.Redis.from_url(url, retry_on_timeout=False, **bounds)
         return cls(client, settings, url=url)
 
     def key(self, *parts: str) -> str:
-        """A key in this gateway's namespace: ``<key_prefix><part>:<part>...``."""
+        """A key in this gateway's namespace: ``<key_prefix><part>:<part>...`` (on a
+        cluster the prefix is one hash tag, see :func:`cluster_prefix`)."""
         return self.prefix + ":".join(parts)
 
     def on_change(self, listener: Callable[[bool], None]) -> None:
@@ -111,7 +152,7 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.settings.timeout_s * 2):
                 result = await fn(self.client)
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             self.failed(op, exc)
             return None
         self._timeouts = 0
@@ -136,11 +177,16 @@ class RedisLink:
             self._notify(False)
 
     async def probe(self) -> bool:
-        """One ``PING``; closes the breaker when it answers."""
+        """One ``PING`` (on a cluster an ``EXISTS`` of a key of ours: it goes to the shard
+        that holds this gateway's slot, wherever that is); closes the breaker when it
+        answers."""
         try:
             async with asyncio.timeout(self.settings.timeout_s * 2):
-                await self.client.ping()
-        except (aioredis.RedisError, OSError, TimeoutError) as exc:
+                if self.cluster:
+                    await self.client.exists(self.key("probe"))
+                else:
+                    await self.client.ping()
+        except REDIS_ERRORS as exc:
             self.failed("ping", exc)
             return False
         self._timeouts = 0
@@ -168,6 +214,8 @@ class RedisLink:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        for client in self._also_close:
+            await client.aclose()
 
     def _notify(self, up: bool) -> None:
         for listener in self._listeners:
@@ -175,6 +223,42 @@ class RedisLink:
                 listener(up)
             except Exception:
                 log.exception("redis state listener failed")
+
+
+def _sentinel_master(
+    target: RedisTarget, bounds: dict[str, Any]
+) -> tuple[aioredis.Redis, tuple[aioredis.Redis, ...]]:
+    """The master the sentinels name for ``target.service``, and the sentinels' clients
+    (asked with the same socket bounds and TLS, without the URL's user and password)."""
+    assert target.service is not None
+    ask = {k: v for k, v in bounds.items() if k.startswith("socket_") or k == "retry"}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.hosts),
+        sentinel_kwargs={**ask, "ssl": target.tls, "max_connections": bounds["max_connections"]},
+        retry_on_timeout=False,
+        **bounds,
+    )
+    client: aioredis.Redis = sentinel.master_for(
+        target.service,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+    )
+    return client, tuple(sentinel.sentinels)
+
+
+def _cluster(target: RedisTarget, bounds: dict[str, Any]) -> aioredis.Redis:
+    cluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        **bounds,
+    )
+    # Not a Redis subclass, but it serves every command Switchyard sends (EVALSHA, scripts,
+    # pipelines, one-slot WATCH/MULTI): tests/gateway/test_redis_topologies.py runs them all.
+    return cast(aioredis.Redis, cluster)
 
 
 class RedisCollector(Collector):

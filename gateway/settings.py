@@ -24,6 +24,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from gateway.redisurl import parse_redis_url
 from routing import build_profile, builtin_policies
 
 
@@ -204,7 +205,10 @@ class RedisSettings(_Section):
     process's event-loop lag under load, see :mod:`gateway.redislink`); once Redis is seen
     down (a refused connection, or three timeouts in a row) no request waits on it at all
     (local fallbacks) and it is probed every ``retry_s``. ``key_prefix`` namespaces every key
-    this gateway writes."""
+    this gateway writes; with a Redis Cluster URL it becomes one hash tag
+    (``{switchyard}:...``), so all of the gateway's keys share one slot, hence one shard.
+    The same bounds hold for one server, a Sentinel-managed master and a Cluster
+    (``max_connections`` per server)."""
 
     timeout_s: float = Field(default=0.25, gt=0, le=5)
     retry_s: float = Field(default=1.0, gt=0)
@@ -272,6 +276,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
+        hide_input_in_errors=True,  # an error never echoes a secret (redis_url's password)
     )
 
     server: ServerSettings = ServerSettings()
@@ -290,12 +295,30 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     admission: AdmissionSettings = AdmissionSettings()
     outliers: OutlierSettings = OutlierSettings()
-    # redis://host:port/db (rediss://, redis+sentinel:// not supported; see README): replicas
-    # share keys, limits and routing state through it. Unset: everything stays in memory.
+    # Replicas share keys, limits and routing state through it; unset: all in memory. One
+    # server: redis://[[user]:pw@]host:port/db (rediss://, unix:///path?db=0); Sentinel:
+    # redis+sentinel://[[user]:pw@]host:26379[,host:port...]/<service>[/db] (the password is
+    # the master's); Cluster: redis+cluster://[[user]:pw@]host:port[,host:port...]
+    # (rediss+... for TLS). The three kinds are tested over TCP, not TLS
+    # (tests/gateway/test_redis_topologies.py).
     redis_url: str | None = None
     redis: RedisSettings = RedisSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_parses(cls, value: str | None) -> str | None:
+        if value:
+            parse_redis_url(value)  # a bad URL stops `switchyard serve` (exit 2), named
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_prefix(self) -> Settings:
+        if self.redis_url and parse_redis_url(self.redis_url).kind == "cluster":
+            if not self.redis.key_prefix.rstrip(":"):
+                raise ValueError("redis.key_prefix must not be empty with a Redis Cluster URL")
+        return self
 
     @classmethod
     def settings_customise_sources(
