@@ -83,7 +83,8 @@ GATEWAY_LAYERS: tuple[frozenset[str], ...] = tuple(
         {"gateway.errors", "gateway.context", "gateway.settings", "gateway.parsing",
          "gateway.usage", "gateway.logs", "gateway.tasks", "gateway.exchange",
          "gateway.principal", "gateway.outliers", "gateway.ratelimit_local",
-         "gateway.ratelimit_lua", "gateway.redisurl"},  # fmt: skip
+         "gateway.ratelimit_lua", "gateway.redisurl",
+         "gateway.sharedwire"},  # fmt: skip
     )
 )
 # Imports inside one layer are violations unless listed here (module -> what it may import).

@@ -8,7 +8,9 @@ gateways in threads) where it checks the whole path. Pure helpers have table tes
 from __future__ import annotations
 
 import re
+from array import array
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -24,16 +26,16 @@ from gateway.endpoints import EndpointState
 from gateway.parsing import Kind, parse_request
 from gateway.services import Services
 from gateway.settings import EngineConfig, Settings
-from gateway.sharedstate import (
-    SharedRoutingState,
-    pack_charges,
+from gateway.sharedstate import SharedRoutingState
+from gateway.sharedwire import (
+    Batch,
+    pack_batch,
     pack_loads,
     pack_prefixes,
     parse_reply,
     sum_loads,
-    unpack_charges,
+    unpack_batch,
     unpack_loads,
-    unpack_prefixes,
 )
 from tests.gateway.conftest import StartEngines, StartGateway
 from tests.gateway.servers import wait_until
@@ -45,6 +47,10 @@ POLL_S = 10.0  # bound of every wait for a background sync (polled, never timed)
 
 
 # -- pure helpers ---------------------------------------------------------------------------
+def _packed(unpacked: list[tuple[str, list[int]]]) -> list[tuple[str, bytes]]:
+    return [(eid, array("Q", hashes).tobytes()) for eid, hashes in unpacked]
+
+
 @pytest.mark.parametrize(
     ("records", "max_hashes", "max_bytes", "unpacked", "taken"),
     [
@@ -60,32 +66,61 @@ POLL_S = 10.0  # bound of every wait for a background sync (polled, never timed)
         ([("e0", ()), ("e1", (7,))], 8, 1024, [("e1", [7])], 2),  # empty chains consumed
     ],
 )  # fmt: skip
-def test_prefix_records_round_trip(
+def test_prefix_records_are_packed_deduplicated_and_capped(
     records: list[tuple[str, tuple[int, ...]]],
     max_hashes: int,
     max_bytes: int,
     unpacked: list[tuple[str, list[int]]],
     taken: int,
 ) -> None:
-    blob, n = pack_prefixes(records, max_hashes=max_hashes, max_bytes=max_bytes)
+    packed, n = pack_prefixes(records, max_hashes=max_hashes, max_bytes=max_bytes)
     assert n == taken
-    assert unpack_prefixes(blob) == unpacked
-    assert (blob == b"") == (not unpacked)
+    assert packed == _packed(unpacked)
+    assert unpack_batch(pack_batch(packed, {}, {})).prefixes == tuple(unpacked)
 
 
 @pytest.mark.parametrize(
-    "blob",
+    ("prefixes", "charges", "routed", "batch"),
     [
-        b"\xc1",  # never valid msgpack
-        msgpack.packb({"e0": b"x"}),
-        msgpack.packb([["e0"]]),
-        msgpack.packb([[1, b"12345678"]]),
-        msgpack.packb([["e0", b"123"]]),  # not whole hashes
+        ([], {}, {}, Batch()),
+        ([], {}, {"e0": (0, 0)}, Batch()),  # nothing routed: nothing to publish
+        ([("e0", [1, 2])], {"alice": 120.0, "bob": 3.5}, {"e0": (3, 1), "e1": (0, 0)},
+         Batch((("e0", [1, 2]),), {"alice": 120.0, "bob": 3.5}, {"e0": (3, 1)})),
+        ([], {"alice": 1.0}, {}, Batch(charges={"alice": 1.0})),
+    ],
+)  # fmt: skip
+def test_batch_round_trip(
+    prefixes: list[tuple[str, list[int]]],
+    charges: dict[str, float],
+    routed: dict[str, tuple[int, int]],
+    batch: Batch,
+) -> None:
+    blob = pack_batch(_packed(prefixes), charges, routed)
+    assert (blob == b"") == (batch == Batch())
+    assert unpack_batch(blob) == batch
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        [1, 2],  # not a map
+        {"p": {"e0": b"x"}},
+        {"p": [["e0"]]},
+        {"p": [[1, b"12345678"]]},
+        {"p": [["e0", b"123"]]},  # not whole hashes
+        {"v": [1]},
+        {"v": {"a": -1.0}},
+        {"v": {1: 2.0}},
+        {"c": {"e0": [1]}},
+        {"c": {"e0": [1, -1]}},
+        {"c": {"e0": [True, 1]}},
     ],
 )
-def test_bad_prefix_records_are_refused(blob: bytes) -> None:
+def test_bad_batches_are_refused(doc: Any) -> None:
     with pytest.raises(ValueError):
-        unpack_prefixes(blob)
+        unpack_batch(msgpack.packb(doc))
+    with pytest.raises(ValueError):
+        unpack_batch(b"\xc1")  # never valid msgpack
 
 
 @pytest.mark.parametrize(
@@ -123,7 +158,6 @@ def test_bad_loads_are_refused(blob: bytes) -> None:
         ([{"e0": (1, 10, 5)}], {"e0": (1, 10, 5)}),
         ([{"e0": (1, 10, 5)}, {"e0": (2, 20, 0), "e1": (1, 1, 1)}],
          {"e0": (3, 30, 5), "e1": (1, 1, 1)}),
-        ([{"e0": (-1, -10, -5)}, {"e0": (1, 10, 5)}], {"e0": (1, 10, 5)}),  # never negative
     ],
 )  # fmt: skip
 def test_sum_loads(
@@ -133,31 +167,12 @@ def test_sum_loads(
 
 
 @pytest.mark.parametrize(
-    ("charges", "blob_empty"),
-    [({}, True), ({"alice": 120.0, "bob": 3.5}, False)],
-)
-def test_charges_round_trip(charges: dict[str, float], blob_empty: bool) -> None:
-    blob = pack_charges(charges)
-    assert (blob == b"") == blob_empty
-    assert unpack_charges(blob) == charges
-
-
-@pytest.mark.parametrize(
-    "blob", [b"\xc1", msgpack.packb([1]), msgpack.packb({"a": -1.0}), msgpack.packb({1: 2.0})]
-)
-def test_bad_charges_are_refused(blob: bytes) -> None:
-    with pytest.raises(ValueError):
-        unpack_charges(blob)
-
-
-@pytest.mark.parametrize(
     ("raw", "replicas", "last", "loads", "entries"),
     [
-        ([5, 2, b"1-0", [b"me", b"x", b"you", b"y"], [b"p", b""]], 2, "1-0", {"you": b"y"},
-         [(b"p", b"")]),
+        ([5, 2, b"1-0", [b"me", b"x", b"you", b"y"], [b"p"]], 2, "1-0", {"you": b"y"}, [b"p"]),
         ([5, 0, "0-0", [], []], 1, "0-0", {}, []),  # at least this replica
-        ((5, 1, "2-1", ["me", "x"], ["p", "v", "q", "w"]), 1, "2-1", {},
-         [(b"p", b"v"), (b"q", b"w")]),  # str replies (decode_responses) work too
+        ((5, 1, "2-1", ["me", "x"], ["p", "q"]), 1, "2-1", {},
+         [b"p", b"q"]),  # str replies (decode_responses) work too
     ],
 )  # fmt: skip
 def test_parse_reply(
@@ -171,7 +186,7 @@ def test_parse_reply(
 
 @pytest.mark.parametrize(
     "raw",
-    [None, [1, 2, 3], [1, 1, "0-0", "x", []], [1, 1, "0-0", ["odd"], []], [1, 1, "0", [], [b"p"]]],
+    [None, [1, 2, 3], [1, 1, "0-0", "x", []], [1, 1, "0-0", ["odd"], []], [1, 1, "0", [], 7]],
 )
 def test_malformed_replies_are_refused(raw: Any) -> None:
     with pytest.raises(ValueError):
@@ -263,6 +278,24 @@ async def test_prefix_committed_on_one_replica_is_matched_by_the_other(
         again = await b.router.route(Kind.CHAT, fields, model=MODEL, adapter=None, policy=policy)
         assert again.decision.ranked[0].id == chosen
         assert _sent_received(a) == (1, 0) and _sent_received(b) == (0, 1)
+
+
+@pytest.mark.anyio
+async def test_placements_and_routed_counts_reach_the_other_replica(
+    redis_server: RedisServer,
+) -> None:
+    async with _replicas(redis_server.url) as (a, b):
+        await _sync(a, b)
+        for seq, placed in ((1, True), (2, False), (3, True)):
+            _engine(a).lease(prompt_tokens=10, seq=seq, placed=placed).release()
+        _engine(b, "e1").lease(prompt_tokens=10, seq=1).release()
+        await _sync(a, b, a)
+        snap = _engine(b).snapshot()  # B never routed to e0: counted as of its seq 1
+        assert (snap.recent_routed, snap.recent_placed, snap.last_routed_seq) == (3.0, 2.0, 1)
+        assert _engine(b, "e1").snapshot().recent_routed == 1.0  # its own, not echoed
+        assert _engine(a, "e1").snapshot().recent_routed == 1.0
+        await _sync(a, b)  # published once
+        assert _engine(b).snapshot().recent_routed == 3.0
 
 
 @pytest.mark.anyio
@@ -414,7 +447,7 @@ async def test_garbage_in_redis_is_skipped_not_fatal(
         try:
             await client.zadd("switchyard:rs:replicas", {"rogue": 1e15})  # far future: live
             await client.hset("switchyard:rs:load", "rogue", b"\xc1")
-            await client.xadd("switchyard:rs:events", {"r": "rogue", "p": b"\xc1", "v": b""})
+            await client.xadd("switchyard:rs:events", {"r": "rogue", "b": b"\xc1"})
         finally:
             await client.aclose()
         b.router.outbox.append(("e0", (41, 42)))  # type: ignore[union-attr]
@@ -479,12 +512,8 @@ def test_two_gateways_share_load_prefixes_and_replica_count(
         # a slow request through A shows in B's in-flight counts while it runs
         body = {"model": MODEL, "messages": [{"role": "user", "content": "slow"}],
                 "stream": True, "fake": {"ttft": 1.5}}  # fmt: skip
-        with anyio.from_thread.start_blocking_portal() as portal:
-            slow = portal.start_task_soon(
-                lambda: anyio.to_thread.run_sync(
-                    lambda: httpx.post(f"{gw_a.url}/v1/chat/completions", json=body, timeout=30)
-                )
-            )
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, f"{gw_a.url}/v1/chat/completions", json=body, timeout=30)
             _until(lambda: sum(_scrape(client, gw_b.url, in_flight).values()) == 1.0)
             assert slow.result().status_code == 200
         _until(lambda: sum(_scrape(client, gw_b.url, in_flight).values()) == 0.0)

@@ -148,3 +148,44 @@ def test_remote_counts_add_to_the_snapshot_and_stay_out_of_the_local_load(
     assert st.remote_load == remote
     st.set_remote()  # replaced wholesale: nothing sticks
     assert st.snapshot().in_flight == 1
+
+
+def test_take_routed_counts_what_the_recent_counters_count() -> None:
+    st = EngineState("e", "http://e")
+    assert st.take_routed() == (0, 0)
+    st.begin(prompt_tokens=10, seq=3, placed=True)
+    st.begin(prompt_tokens=10, seq=4)
+    st.begin(prompt_tokens=10, seq=2, placed=True)  # a late failover: not counted
+    st.begin(prompt_tokens=10)  # no seq: not counted
+    assert st.take_routed() == (2, 1)
+    assert st.take_routed() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("local_seq", "routed", "placed", "seq", "expect_routed", "expect_placed", "expect_seq"),
+    [
+        (None, 3, 1, 0, 3.0, 1.0, 0),  # never routed here locally: counted from seq
+        (None, 0, 0, 5, 0.0, 0.0, -1),  # nothing: unchanged
+        (10, 2, 0, 10, 3.0, 1.0, 10),  # same seq: added as is
+        (10, 2, 2, 12, (1 - 1 / RECENT_WINDOW) ** 2 + 2, (1 - 1 / RECENT_WINDOW) ** 2 + 2, 12),
+        (10, 1, 0, 4, 2.0, 1.0, 10),  # an older seq never moves last_routed_seq back
+    ],
+)
+def test_add_routed_joins_the_decayed_recent_counts(
+    local_seq: int | None,
+    routed: int,
+    placed: int,
+    seq: int,
+    expect_routed: float,
+    expect_placed: float,
+    expect_seq: int,
+) -> None:
+    st = EngineState("e", "http://e")
+    if local_seq is not None:
+        st.begin(prompt_tokens=10, seq=local_seq, placed=True)
+    st.add_routed(routed=routed, placed=placed, seq=seq)
+    snap = st.snapshot()
+    assert snap.recent_routed == pytest.approx(expect_routed)
+    assert snap.recent_placed == pytest.approx(expect_placed)
+    assert snap.last_routed_seq == expect_seq
+    assert st.take_routed() == ((1, 1) if local_seq is not None else (0, 0))  # not republished
