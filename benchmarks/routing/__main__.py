@@ -14,12 +14,20 @@ import sys
 from pathlib import Path
 
 from benchmarks.routing import launch
-from benchmarks.routing.report import check_targets, print_table, write_json
+from benchmarks.routing.report import (
+    check_targets,
+    compare_replicas,
+    print_replicas,
+    print_table,
+    write_json,
+)
 from benchmarks.routing.runner import BenchConfig, run_benchmark
 from benchmarks.routing.workloads import WORKLOADS
 
 OURS = "inproc:prefix-cache"
 GATEWAY = "gateway:prefix-cache"
+REPLICAS = "gateway-2r:prefix-cache"
+"""Two gateways sharing routing state through a redis-server, load spread round-robin."""
 QUICK_KV_BLOCKS = 1024
 """Quick mode's KV capacity per engine: 1,024 x 16 = 16,384 tokens (see README, Workloads)."""
 DEFAULT_CONTENDERS = (
@@ -28,6 +36,7 @@ DEFAULT_CONTENDERS = (
     "inproc:least-request",
     OURS,
     GATEWAY,
+    REPLICAS,
     "sglang-router:cache_aware",
     "vllm-router:cache_aware",
     "oracle",
@@ -68,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="shared-prefix groups (overrides the preset's)")  # fmt: skip
     p.add_argument("--per-group", type=int, default=None,
                    help="shared-prefix requests per group (overrides the preset's)")  # fmt: skip
+    p.add_argument("--sync-interval", type=float, default=None,
+                   help="redis.sync_interval_s of gateway-<N>r replicas")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         probe_requests=args.probe_requests or (200 if full else 160),
         saturation_rps=args.saturation,
         max_run_wall_s=900.0 if full else 180.0,
+        sync_interval_s=args.sync_interval,
     )
     missing = [c for c in cfg.contenders if c.split(":")[0] in launch.PEER_NAMES
                and not launch.peer_available(c.split(":")[0])]  # fmt: skip
@@ -110,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{mark}] {ours} {t['workload']} @{t['load']:.2f}: {t['target']}: "
                   f"{t['value']:.3f} (limit {op} {t['limit']:.3f})")  # fmt: skip
     meta["targets"] = targets
+    replicated = sorted({c for c in cfg.contenders if c.startswith("gateway-")})
+    meta["replicas"] = [
+        cmp for rep in replicated for cmp in compare_replicas(rows, single=GATEWAY, replicated=rep)
+    ]
+    print_replicas(meta["replicas"])
     out = args.out or Path(f"results/routing-{'full' if full else 'quick'}.json")
     write_json(out, rows=rows, meta=meta)
     print(f"wrote {out}")

@@ -1,4 +1,5 @@
-"""Subprocess launchers: the enginesim cluster, our gateway, and the peer routers.
+"""Subprocess launchers: the enginesim cluster, our gateway (one, or replicas sharing a
+redis-server started here), and the peer routers.
 
 Each launcher starts one process in its own process group with stdout/stderr in a log file,
 waits (bounded) until it answers an HTTP readiness probe, and is stopped by its own PID
@@ -11,7 +12,9 @@ project's venv. Every process gets an offline environment (``HF_HUB_OFFLINE`` et
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -201,11 +204,18 @@ def start_gateway(
     model: str,
     log_dir: Path,
     routing_extra: dict[str, object] | None = None,
+    redis_url: str | None = None,
+    redis_extra: dict[str, object] | None = None,
+    name: str | None = None,
     timeout_s: float = 60.0,
 ) -> tuple[Proc, str]:
-    """``switchyard serve --config <tmp yaml>`` in front of ``engine_urls``."""
+    """``switchyard serve --config <tmp yaml>`` in front of ``engine_urls``; with
+    ``redis_url`` it shares its routing state with the other gateways on that Redis
+    (``redis_extra``: the ``redis:`` section, e.g. ``sync_interval_s``). ``name`` tells
+    replicas' logs apart."""
+    name = name or f"gateway-{policy}"
     port = free_port_block(1)
-    config = {
+    config: dict[str, object] = {
         "server": {"host": "127.0.0.1", "port": port, "access_log": False},
         "routing": {"policy": policy, **(routing_extra or {})},
         "engines": [
@@ -213,14 +223,43 @@ def start_gateway(
         ],
         "log_level": "WARNING",
     }
+    if redis_url is not None:
+        config |= {"redis_url": redis_url, "redis": dict(redis_extra or {})}
     log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / f"gateway-{policy}.yaml"
+    path = log_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     exe = Path(sys.executable).parent / "switchyard"
-    proc = spawn(f"gateway-{policy}", [str(exe), "serve", "--config", str(path)], log_dir)
+    proc = spawn(name, [str(exe), "serve", "--config", str(path)], log_dir)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, [f"{url}/health"], timeout_s=timeout_s)
     return proc, url
+
+
+def start_redis(*, log_dir: Path, timeout_s: float = 20.0) -> tuple[Proc, str]:
+    """A throwaway ``redis-server`` on a free loopback port (no persistence), for gateway
+    replicas sharing routing state; stopped by PID like every other process here."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise LaunchError("redis-server is not installed (make services installs it)")
+    port = free_port_block(1)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]  # fmt: skip
+    proc = spawn("redis", argv, log_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if not proc.alive():
+            raise LaunchError(f"redis-server exited:\n{proc.tail()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.stop()
+            raise LaunchError(f"redis-server not ready after {timeout_s:g}s:\n{proc.tail()}")
+        time.sleep(0.05)
 
 
 def peer_available(peer: str) -> bool:

@@ -4,7 +4,8 @@ Each request is sent at its arrival offset (``at_s / speed`` wall seconds after 
 whether or not earlier ones finished (open loop: a slow target builds a queue instead of
 slowing the client down), except multi-turn turns, which also wait for their previous turn
 plus its think time. The target is chosen per request by a :class:`Dispatcher`: a fixed URL
-(gateway, peer router) or the in-process router of :mod:`benchmarks.routing.inproc`.
+(gateway, peer router), several in turn (gateway replicas), or the in-process router of
+:mod:`benchmarks.routing.inproc`.
 
 Bounded: at most ``max_in_flight`` concurrent requests (the cap is reported if hit), a
 whole-run deadline, per-request timeouts, one shared ``httpx.AsyncClient``. Times are wall
@@ -24,7 +25,15 @@ import orjson
 
 from benchmarks.routing.workloads import BenchRequest
 
-__all__ = ["Dispatcher", "FixedTarget", "RequestHooks", "Result", "Routed", "run_load"]
+__all__ = [
+    "Dispatcher",
+    "FixedTarget",
+    "RequestHooks",
+    "Result",
+    "RoundRobinTargets",
+    "Routed",
+    "run_load",
+]
 
 
 class RequestHooks(Protocol):
@@ -57,6 +66,23 @@ class FixedTarget:
 
     def route(self, req: BenchRequest) -> Routed:
         return Routed(base_url=self.base_url, headers=self.headers)
+
+
+@dataclass(slots=True)
+class RoundRobinTargets:
+    """Requests spread over several URLs in turn (gateway replicas behind a client-side
+    round-robin, as a Kubernetes Service spreads connections): request ``i`` of the run goes
+    to ``base_urls[i % n]``, so every contender sees the same assignment."""
+
+    base_urls: tuple[str, ...]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.base_urls:
+            raise ValueError("at least one target")
+
+    def route(self, req: BenchRequest) -> Routed:
+        return Routed(base_url=self.base_urls[req.idx % len(self.base_urls)], headers=self.headers)
 
 
 @dataclass(slots=True)

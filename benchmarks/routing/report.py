@@ -20,7 +20,16 @@ from typing import Any
 from benchmarks.routing.loadgen import Result
 from routing.metrics_parser import EngineMetrics
 
-__all__ = ["RunSummary", "pct", "summarize", "print_table", "write_json", "check_targets"]
+__all__ = [
+    "RunSummary",
+    "check_targets",
+    "compare_replicas",
+    "pct",
+    "print_replicas",
+    "print_table",
+    "summarize",
+    "write_json",
+]
 
 
 def pct(values: Sequence[float], q: float) -> float | None:
@@ -187,6 +196,63 @@ def check_targets(rows: Sequence[RunSummary], *, ours: str) -> list[dict[str, An
                 out.append(_target(workload, frac, "load split within +-10%",
                                    mine.load_split_max_dev, 0.10))  # fmt: skip
     return out
+
+
+def compare_replicas(
+    rows: Sequence[RunSummary], *, single: str, replicated: str
+) -> list[dict[str, Any]]:
+    """Replicas sharing routing state against one gateway, per (workload, load) where both
+    ran: engine hit rates and load splits side by side, and the issue's targets -- a hit
+    rate at least 0.9x one gateway's, and a load split as even (its largest deviation from
+    an even share at most 0.10 above one gateway's)."""
+    out: list[dict[str, Any]] = []
+    by_key: dict[tuple[str, float], dict[str, RunSummary]] = {}
+    for r in rows:
+        by_key.setdefault((r.workload, r.fraction), {})[r.contender] = r
+    for (workload, frac), runs in sorted(by_key.items()):
+        one, many = runs.get(single), runs.get(replicated)
+        if one is None or many is None:
+            continue
+        targets = []
+        if one.engine_hit_rate and many.engine_hit_rate is not None:
+            targets.append(_target(workload, frac, "hit rate >= 0.9x one gateway's",
+                                   many.engine_hit_rate, 0.9 * one.engine_hit_rate,
+                                   at_least=True))  # fmt: skip
+        if one.load_split_max_dev is not None and many.load_split_max_dev is not None:
+            targets.append(_target(workload, frac, "split max dev <= one gateway's + 0.10",
+                                   many.load_split_max_dev,
+                                   one.load_split_max_dev + 0.10))  # fmt: skip
+        out.append({
+            "workload": workload,
+            "load": frac,
+            "single": single,
+            "replicated": replicated,
+            "rows": [
+                {"contender": r.contender, "hit": r.engine_hit_rate,
+                 "hit_rounds": [x.get("engine_hit_rate") for x in r.extra.get("rounds", [])],
+                 "split": r.load_split, "split_max_dev": r.load_split_max_dev,
+                 "ttft_p90_s": r.ttft_p90_s, "shared_state": r.extra.get("shared_state")}
+                for r in (one, many)
+            ],
+            "targets": targets,
+        })  # fmt: skip
+    return out
+
+
+def print_replicas(comparisons: Sequence[dict[str, Any]]) -> None:
+    """The :func:`compare_replicas` rows as a small table plus MET/MISS lines."""
+    for c in comparisons:
+        print(f"\nreplicas vs one gateway: {c['workload']} @{c['load']:.2f}")
+        print(f"  {'contender':<28}{'hit':>6}  {'hit per round':<22}{'ttft90':>7}  split (max dev)")
+        for r in c["rows"]:
+            rounds = ",".join(_num(h) for h in r["hit_rounds"]) or "-"
+            split = "/".join(f"{x * 100:.0f}" for x in r["split"]) or "-"
+            print(f"  {r['contender']:<28}{_num(r['hit']):>6}  {rounds:<22}"
+                  f"{_ms(r['ttft_p90_s']):>7}  {split} ({_num(r['split_max_dev'])})")  # fmt: skip
+        for t in c["targets"]:
+            mark = "MET " if t["met"] else "MISS"
+            op = ">=" if t["at_least"] else "<="
+            print(f"  [{mark}] {t['target']}: {t['value']:.3f} (limit {op} {t['limit']:.3f})")
 
 
 def _target(

@@ -16,6 +16,9 @@ Contenders (``kind:policy``):
 * ``inproc-tok:<policy>`` -- the same with the engine's tokenizer: 16-token blocks;
 * ``inproc-kv:<policy>`` -- token blocks plus the engines' KV events (precise index);
 * ``gateway:<policy>`` -- ``switchyard serve`` in front of the engines;
+* ``gateway-<N>r:<policy>`` -- N ``switchyard serve`` replicas sharing routing state through
+  a redis-server started for the run, the load spread over them round-robin by request;
+  ``gateway-<N>r-local:<policy>`` the same replicas without Redis (each on its own state);
 * ``sglang-router:<policy>``, ``vllm-router:<policy>`` -- peers from their own venvs;
 * ``oracle`` -- computed, not run (:mod:`.oracle`).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -35,7 +39,13 @@ import httpx
 
 from benchmarks.routing import launch
 from benchmarks.routing.inproc import InProcRouter
-from benchmarks.routing.loadgen import Dispatcher, FixedTarget, Result, run_load
+from benchmarks.routing.loadgen import (
+    Dispatcher,
+    FixedTarget,
+    Result,
+    RoundRobinTargets,
+    run_load,
+)
 from benchmarks.routing.oracle import oracle
 from benchmarks.routing.report import RunSummary, pct, summarize
 from benchmarks.routing.workloads import BenchRequest, WorkloadSpec, generate
@@ -67,6 +77,8 @@ class BenchConfig:
     saturation_rps: float | None = None
     max_run_wall_s: float = 120.0
     scrape_interval_s: float = 0.5
+    sync_interval_s: float | None = None
+    """``gateway-<N>r`` replicas' ``redis.sync_interval_s`` (None: the gateway's default)."""
     log_dir: Path = Path("results/routing-logs")
 
 
@@ -126,7 +138,8 @@ def run_contender(
         log_dir=log_dir,
         kv_events=kind == "inproc-kv",
     )
-    target: launch.Proc | None = None
+    targets: list[launch.Proc] = []  # router processes: stopped at the end, CPU counted
+    replicas = gateway_replicas(kind)
     try:
         dispatcher: Dispatcher
         if kind in ("inproc", "inproc-tok", "inproc-kv"):
@@ -141,27 +154,97 @@ def run_contender(
             target, url = launch.start_gateway(
                 policy=policy, engine_urls=cluster.urls, model=cfg.model, log_dir=log_dir
             )
+            targets.append(target)
             dispatcher = FixedTarget(url, headers={"x-switchyard-routing": policy})
+        elif replicas is not None:
+            redis_url = None
+            if not kind.endswith("-local"):
+                redis, redis_url = launch.start_redis(log_dir=log_dir)
+                targets.append(redis)
+            urls: list[str] = []
+            sync: dict[str, object] = {}
+            if cfg.sync_interval_s:
+                sync["sync_interval_s"] = cfg.sync_interval_s
+            for i in range(replicas):
+                target, url = launch.start_gateway(
+                    policy=policy, engine_urls=cluster.urls, model=cfg.model, log_dir=log_dir,
+                    redis_url=redis_url, redis_extra=sync, name=f"gateway-{policy}-r{i}",
+                )  # fmt: skip
+                targets.append(target)
+                urls.append(url)
+            dispatcher = RoundRobinTargets(tuple(urls), headers={"x-switchyard-routing": policy})
         elif kind in ("sglang-router", "vllm-router"):
             target, url = launch.start_peer(
                 peer=kind, policy=policy, engine_urls=cluster.urls, log_dir=log_dir
             )
+            targets.append(target)
             dispatcher = FixedTarget(url)
         else:
             raise launch.LaunchError(f"unknown contender kind {kind!r}")
         before = scrape_all(cluster.urls)
-        cpu_at = target.cpu_s() if target is not None else None
+        cpu_at = [p.cpu_s() for p in targets]
         results, info = anyio.run(_drive, requests, dispatcher, cfg, cluster.kv_event_urls)
-        cpu_now = target.cpu_s() if target is not None else None
-        if cpu_at is not None and cpu_now is not None:
-            # The router process's CPU during the load only (not its start-up imports).
-            info["router_cpu_s"] = cpu_now - cpu_at
+        cpu_now = [p.cpu_s() for p in targets]
+        used = [
+            b - a for a, b in zip(cpu_at, cpu_now, strict=True) if a is not None and b is not None
+        ]
+        if targets and len(used) == len(targets):
+            # The router processes' CPU during the load only (not their start-up imports);
+            # for replicas, every gateway plus their redis-server (each one in parts).
+            info["router_cpu_s"] = sum(used)
+            if len(targets) > 1:
+                info["router_cpu_parts_s"] = {p.name: u for p, u in zip(targets, used, strict=True)}
+        if isinstance(dispatcher, RoundRobinTargets):
+            info["shared_state"] = shared_state_stats(dispatcher.base_urls)
         after = scrape_all(cluster.urls)
         return results, info, before, after
     finally:
-        if target is not None:
+        for target in targets:
             target.stop()
         cluster.proc.stop()
+
+
+def gateway_replicas(kind: str) -> int | None:
+    """``gateway-<N>r`` -> N (gateways sharing a redis-server); ``gateway-<N>r-local`` -> N
+    as well (the control: the same replicas without Redis, each on its own state); else
+    None."""
+    m = re.fullmatch(r"gateway-(\d+)r(-local)?", kind)
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+SHARED_STATE_SERIES = (
+    "switchyard_shared_state_replicas",
+    "switchyard_shared_state_sync_errors_total",
+    "switchyard_shared_state_sync_seconds_count",
+    "switchyard_shared_state_sync_seconds_sum",
+    'switchyard_shared_state_prefix_records_total{direction="sent"}',
+    'switchyard_shared_state_prefix_records_total{direction="received"}',
+    "switchyard_redis_up",
+)
+
+
+def parse_series(text: str, names: Sequence[str]) -> dict[str, float]:
+    """The values of exactly these series (name plus label text) in a /metrics page."""
+    wanted = set(names)
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series in wanted:
+            out[series] = float(value)
+    return out
+
+
+def shared_state_stats(urls: Sequence[str]) -> list[dict[str, float]]:
+    """Each replica's shared-state counters after the run (syncs, errors, records)."""
+    out: list[dict[str, float]] = []
+    with httpx.Client(timeout=5.0) as client:
+        for url in urls:
+            try:
+                out.append(parse_series(client.get(f"{url}/metrics").text, SHARED_STATE_SERIES))
+            except httpx.HTTPError as exc:
+                log.warning("metrics of %s failed: %s", url, exc)
+                out.append({})
+    return out
 
 
 def _knee(results: Sequence[Result], speed: float) -> tuple[float | None, bool]:
