@@ -13,17 +13,17 @@ recovers without a restart. Health is exported (``switchyard_redis_up``,
 ``switchyard_redis_errors_total``) and shown in ``/ready`` (never the URL's password).
 
 Deployments (:mod:`gateway.redisurl` parses the URL): one server (``redis://``,
-``rediss://``, ``unix://``); a Sentinel-managed master (``redis+sentinel://h:26379,.../
-service/db``: the sentinels are asked where the master is on every new connection, so a
-failover is followed without a restart; the URL's user and password are the master's, the
-sentinels are asked without them); a Redis Cluster (``redis+cluster://h:p,...``). On a
+``rediss://``, ``unix://``); a Sentinel-managed master (``redis+sentinel://s1,s2/svc/0``:
+the sentinels are asked where the master is on every new connection, so a failover is
+followed without a restart; the URL's user and password are the master's, the sentinels are
+asked without them); a Redis Cluster (``redis+cluster://n1:7000,n2:7000``). On a
 cluster :meth:`RedisLink.key` wraps the whole prefix in braces (``{switchyard}:...``): every
 key of this gateway hashes to ONE slot, so the multi-key scripts and the key store's
 WATCH/MULTI transaction work, and all of Switchyard's load sits on one shard (small: one
 batched limiter call per event-loop tick per replica, one routing sync per
 ``sync_interval_s``). The same bounds (timeouts, no client retries, ``max_connections`` per
-server) apply to every kind. Tested on one redis-server, one master + one sentinel, and a
-three-master cluster (tests/gateway/test_redis_topologies.py).
+server) apply to every kind. Tested on one redis-server, one master + one sentinel (and a
+failover to a replica), and a three-master cluster (tests/gateway/test_redis_topologies.py).
 
 Without ``redis_url`` there is no link at all (``Services.redis`` is None).
 

@@ -2,11 +2,12 @@
 
 Both run the installed ``redis-server`` (no docker): :class:`RedisSentinel` is one master
 and one sentinel process monitoring it (quorum 1, so the sentinel alone decides); the master
-may require a password. :class:`RedisCluster` is three ``--cluster-enabled yes`` masters (no
-replicas) joined by ``redis-cli --cluster create``, ready once every node says
-``cluster_state:ok``. A master or a node can be stopped (SIGKILL) and started again on the
-same port (a cluster node keeps its ``nodes.conf``, so it rejoins with its slots). Every
-process starts with :func:`~tests.processes.die_with_parent` and every wait is bounded.
+may require a password and have a replica to fail over to. :class:`RedisCluster` is three
+``--cluster-enabled yes`` masters (no replicas) joined by ``redis-cli --cluster create``,
+ready once every node says ``cluster_state:ok``. A master or a node can be stopped (SIGKILL)
+and started again on the same port (a cluster node keeps its ``nodes.conf``, so it rejoins
+with its slots). Every process starts with :func:`~tests.processes.die_with_parent` and
+every wait is bounded.
 
 Example::
 
@@ -95,29 +96,38 @@ def _spawn(argv: list[str]) -> subprocess.Popen[Any]:
 
 class RedisSentinel:
     """``with RedisSentinel(password="pw") as s: s.url``; ``stop_master()`` /
-    ``start_master()`` for an outage of the master (the sentinel keeps running)."""
+    ``start_master()`` for an outage of the master (the sentinel keeps running). With
+    ``replica=True`` a replica follows the master, so the sentinel can fail over to it."""
 
-    def __init__(self, *, password: str | None = None) -> None:
+    def __init__(self, *, password: str | None = None, replica: bool = False) -> None:
         self.binary = _binary("redis-server")
         self.password = password
-        self.master_port, self.sentinel_port = free_ports(2)
+        self.master_port, self.sentinel_port, self.replica_port = free_ports(3)
         self.dir = Path(tempfile.mkdtemp(prefix="switchyard-sentinel-"))
         self.master: subprocess.Popen[Any] | None = None
         self.sentinel: subprocess.Popen[Any] | None = None
+        self.replica: subprocess.Popen[Any] | None = None
+        self.with_replica = replica
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         return f"redis+sentinel://{auth}{HOST}:{self.sentinel_port}/{SERVICE}/0"
 
-    def start_master(self) -> None:
-        argv = [self.binary, "--port", str(self.master_port), "--bind", HOST, "--save", "",
+    def _server(self, port: int, *extra: str) -> subprocess.Popen[Any]:
+        workdir = self.dir / str(port)  # a replica writes the RDB it receives
+        workdir.mkdir(exist_ok=True)
+        argv = [self.binary, "--port", str(port), "--bind", HOST, "--save", "",
                 "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning",
-                "--dir", str(self.dir)]  # fmt: skip
-        if self.password:
-            argv += ["--requirepass", self.password]
-        self.master = _spawn(argv)
-        _wait(self.master_port, b"+PONG", "PING", password=self.password)
+                "--dir", str(workdir), *extra]  # fmt: skip
+        if self.password:  # masterauth too: after a failover the old master may follow
+            argv += ["--requirepass", self.password, "--masterauth", self.password]
+        proc = _spawn(argv)
+        _wait(port, b"+PONG", "PING", password=self.password)
+        return proc
+
+    def start_master(self) -> None:
+        self.master = self._server(self.master_port)
 
     def stop_master(self) -> None:
         if self.master is not None:
@@ -126,6 +136,11 @@ class RedisSentinel:
 
     def start(self) -> RedisSentinel:
         self.start_master()
+        if self.with_replica:  # before the sentinel, whose first INFO then lists it
+            self.replica = self._server(self.replica_port, "--replicaof", HOST,
+                                        str(self.master_port))  # fmt: skip
+            _wait(self.replica_port, b"master_link_status:up", "INFO", "replication",
+                  password=self.password)  # fmt: skip
         conf = self.dir / "sentinel.conf"  # the sentinel rewrites it: a file of its own
         lines = [f"port {self.sentinel_port}", f"bind {HOST}", "protected-mode no",
                  f"dir {self.dir}", "loglevel warning",
@@ -138,13 +153,20 @@ class RedisSentinel:
         self.sentinel = _spawn([self.binary, str(conf), "--sentinel"])
         _wait(self.sentinel_port, str(self.master_port).encode(),
               "SENTINEL", "get-master-addr-by-name", SERVICE)  # fmt: skip
+        if self.with_replica:
+            _wait(self.sentinel_port, str(self.replica_port).encode(),
+                  "SENTINEL", "replicas", SERVICE)  # fmt: skip
         return self
 
+    def master_addr(self) -> bytes:
+        """The sentinel's raw answer: where the master of ``SERVICE`` is now."""
+        return command(self.sentinel_port, "SENTINEL", "get-master-addr-by-name", SERVICE)
+
     def stop(self) -> None:
-        for proc in (self.sentinel, self.master):
+        for proc in (self.sentinel, self.master, self.replica):
             if proc is not None:
                 reap(proc)
-        self.sentinel = self.master = None
+        self.sentinel = self.master = self.replica = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisSentinel:
@@ -230,11 +252,13 @@ class RedisCluster:
     def start(self) -> RedisCluster:
         for i in range(len(self.ports)):
             self.start_node(i)
-        subprocess.run(  # noqa: S603
+        created = subprocess.run(  # noqa: S603
             [self.cli, "--cluster", "create", *(f"{HOST}:{p}" for p in self.ports),
              "--cluster-replicas", "0", "--cluster-yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=CLUSTER_OK_S, check=True,
+            capture_output=True, text=True, timeout=CLUSTER_OK_S, check=False,
         )  # fmt: skip
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout[-2000:]}")
         self.wait_ok()
         return self
 

@@ -8,7 +8,7 @@ created on one key store is accepted by another after a refresh, two replicas' r
 syncs; on the cluster every key Switchyard wrote hashes to one slot. Last, the link's breaker
 on each: the master (or the node holding the gateway's slot) is killed, calls give None
 without an exception and the limiter decides locally, and the link closes again after the
-server is back.
+server is back; and a Sentinel failover to a replica is followed by the same link.
 """
 
 from __future__ import annotations
@@ -397,3 +397,34 @@ def test_serve_exits_2_naming_a_bad_redis_url(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "needs the master's service name" in result.stderr
     assert "hunter2" not in result.stderr
+
+
+@pytest.mark.anyio
+async def test_a_sentinel_failover_is_followed_without_a_restart() -> None:
+    with RedisSentinel(password=PASSWORD, replica=True) as sentinel:
+        link = RedisLink.from_url(sentinel.url, RedisSettings(timeout_s=0.5, retry_s=0.05))
+        limiter = RateLimiter(LimitSettings(), link)
+        rule = LimitRule("key", "k_failover", "requests", 3)
+        key = link.key("before")
+        try:
+            assert (await limiter.acquire((rule,), tokens=1)).allowed
+            assert await link.call("set", lambda r: r.set(key, b"written"))
+            assert await link.call("wait", lambda r: r.wait(1, 5000)) == 1  # on the replica
+
+            sentinel.stop_master()
+            assert await link.call("get", lambda r: r.get(key)) is None and not link.up
+
+            async def promoted() -> bool:
+                return str(sentinel.replica_port).encode() in sentinel.master_addr()
+
+            await _until(promoted, "the sentinel promotes the replica")
+            await _until(link.probe, "the link finds the new master")
+            assert await link.call("get", lambda r: r.get(key)) == b"written"
+            # The limiter's script is loaded again there (NOSCRIPT -> EVAL); its window moved
+            # with the data: 1 of 3 was used before the failover.
+            verdicts = [await limiter.acquire((rule,), tokens=1) for _ in range(3)]
+            assert [v.allowed for v in verdicts] == [True, True, False]
+            assert limiter.local_decisions == 0
+        finally:
+            await limiter.aclose()
+            await link.aclose()
