@@ -422,10 +422,7 @@ class Attempt:
             await exchange.send({"type": "http.response.body", "body": shown, "more_body": True})
         try:
             with map_upstream_errors(lease.state.id):
-                if strip is None:
-                    kept = await self._pump(first)
-                else:
-                    kept = await self._pump_strip(first, strip)
+                kept = await self._pump(first, strip)
         except UpstreamError as exc:
             exchange.proxy.attempt_failed(lease.state, exc)
             await exchange.end_stream(lease.state, exc)
@@ -444,8 +441,10 @@ class Attempt:
             if not self.sse and isinstance(completion, int):
                 lease.tokens(n=completion)
 
-    async def _pump(self, first: bytes) -> bytes:
-        """Forward the remaining chunks unchanged; returns the bounded tail (SSE) or body."""
+    async def _pump(self, first: bytes, strip: UsageChunkFilter | None = None) -> bytes:
+        """Forward the remaining chunks unchanged (an SSE stream whose usage chunk the gateway
+        injected goes through ``strip``); returns the bounded tail (SSE, as the engine sent
+        it, usage included) or body."""
         response, exchange, lease = self.response, self.exchange, self.lease
         assert response is not None
         send, read = exchange.send, response.content.readany
@@ -459,45 +458,21 @@ class Attempt:
         started = exchange.plan.started
         last = time.perf_counter()
         while chunk := await read():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            shown = chunk if strip is None else strip.feed(chunk)
+            if shown:
+                await send({"type": "http.response.body", "body": shown, "more_body": True})
             now = time.perf_counter()
             if not lease.first_token_seen and carries_token(chunk):
                 exchange.ttft_s = now - started
                 lease.first_token(ttft_s=exchange.ttft_s)
-            n = chunk.count(b"data: {")
+            n = shown.count(b"data: {")
             exchange.events += n
             lease.tokens(n=n, itl_s=now - last)
             last = now
             keep += chunk
             if len(keep) > TAIL_BYTES:
                 del keep[: len(keep) - TAIL_BYTES]
-        return bytes(keep)
-
-    async def _pump_strip(self, first: bytes, strip: UsageChunkFilter) -> bytes:
-        """:meth:`_pump` for a stream whose usage chunk the gateway asked for and hides:
-        the client gets the filtered bytes, the tail kept for ``usage`` the engine's."""
-        response, exchange, lease = self.response, self.exchange, self.lease
-        assert response is not None
-        send, read = exchange.send, response.content.readany
-        started = exchange.plan.started
-        keep = bytearray(first)
-        last = time.perf_counter()
-        while chunk := await read():
-            out = strip.feed(chunk)
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-            now = time.perf_counter()
-            if not lease.first_token_seen and carries_token(chunk):
-                exchange.ttft_s = now - started
-                lease.first_token(ttft_s=exchange.ttft_s)
-            n = out.count(b"data: {")
-            exchange.events += n
-            lease.tokens(n=n, itl_s=now - last)
-            last = now
-            keep += chunk
-            if len(keep) > TAIL_BYTES:
-                del keep[: len(keep) - TAIL_BYTES]
-        rest = strip.flush()
+        rest = strip.flush() if strip is not None else b""
         if rest:
             await send({"type": "http.response.body", "body": rest, "more_body": True})
         return bytes(keep)
