@@ -204,7 +204,7 @@ def compare_replicas(
     """Replicas sharing routing state against one gateway, per (workload, load) where both
     ran: engine hit rates and load splits side by side, and the issue's targets -- a hit
     rate at least 0.9x one gateway's, and a load split as even (its largest deviation from
-    an even share at most 0.10 above one gateway's)."""
+    an even share at most 0.10 above one gateway's). Both compare medians over rounds."""
     out: list[dict[str, Any]] = []
     by_key: dict[tuple[str, float], dict[str, RunSummary]] = {}
     for r in rows:
@@ -218,10 +218,10 @@ def compare_replicas(
             targets.append(_target(workload, frac, "hit rate >= 0.9x one gateway's",
                                    many.engine_hit_rate, 0.9 * one.engine_hit_rate,
                                    at_least=True))  # fmt: skip
-        if one.load_split_max_dev is not None and many.load_split_max_dev is not None:
+        dev_one, dev_many = _median_dev(one), _median_dev(many)
+        if dev_one is not None and dev_many is not None:
             targets.append(_target(workload, frac, "split max dev <= one gateway's + 0.10",
-                                   many.load_split_max_dev,
-                                   one.load_split_max_dev + 0.10))  # fmt: skip
+                                   dev_many, dev_one + 0.10))  # fmt: skip
         out.append({
             "workload": workload,
             "load": frac,
@@ -230,7 +230,9 @@ def compare_replicas(
             "rows": [
                 {"contender": r.contender, "hit": r.engine_hit_rate,
                  "hit_rounds": [x.get("engine_hit_rate") for x in r.extra.get("rounds", [])],
-                 "split": r.load_split, "split_max_dev": r.load_split_max_dev,
+                 "split": r.load_split, "split_max_dev": _median_dev(r),
+                 "split_rounds": [x["load_split"] for x in r.extra.get("rounds", [])
+                                  if x.get("load_split") is not None],
                  "ttft_p90_s": r.ttft_p90_s, "shared_state": r.extra.get("shared_state")}
                 for r in (one, many)
             ],
@@ -239,15 +241,27 @@ def compare_replicas(
     return out
 
 
+def _median_dev(row: RunSummary) -> float | None:
+    """The median over rounds of the load split's largest deviation (the row's own value
+    when rounds did not record it)."""
+    rounds: list[dict[str, Any]] = row.extra.get("rounds", [])
+    devs: list[float] = sorted(d for x in rounds if (d := x.get("load_split_max_dev")) is not None)
+    if not devs:
+        return row.load_split_max_dev
+    return devs[(len(devs) - 1) // 2]
+
+
 def print_replicas(comparisons: Sequence[dict[str, Any]]) -> None:
     """The :func:`compare_replicas` rows as a small table plus MET/MISS lines."""
     for c in comparisons:
         print(f"\nreplicas vs one gateway: {c['workload']} @{c['load']:.2f}")
-        print(f"  {'contender':<28}{'hit':>6}  {'hit per round':<22}{'ttft90':>7}  split (max dev)")
+        print(f"  {'contender':<30}{'hit':>6}  {'hit per round':<16}{'ttft90':>7}"
+              "  split per round (median max dev)")  # fmt: skip
         for r in c["rows"]:
             rounds = ",".join(_num(h) for h in r["hit_rounds"]) or "-"
-            split = "/".join(f"{x * 100:.0f}" for x in r["split"]) or "-"
-            print(f"  {r['contender']:<28}{_num(r['hit']):>6}  {rounds:<22}"
+            splits = r["split_rounds"] or [r["split"]]
+            split = " ".join("/".join(f"{x * 100:.0f}" for x in s) or "-" for s in splits)
+            print(f"  {r['contender']:<30}{_num(r['hit']):>6}  {rounds:<16}"
                   f"{_ms(r['ttft_p90_s']):>7}  {split} ({_num(r['split_max_dev'])})")  # fmt: skip
         for t in c["targets"]:
             mark = "MET " if t["met"] else "MISS"

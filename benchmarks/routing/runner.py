@@ -427,7 +427,8 @@ def median_run(runs: Sequence[RunSummary]) -> RunSummary:
             spread[name] = [values[0], values[-1]]
     rounds = [
         {**{name: getattr(r, name) for name in _MEDIAN_FIELDS},
-         "router_cpu_s": r.extra.get("router_cpu_s")}
+         "router_cpu_s": r.extra.get("router_cpu_s"),
+         "load_split": r.load_split, "load_split_max_dev": r.load_split_max_dev}
         for r in runs
     ]  # fmt: skip
     cpus = sorted(c for r in runs if (c := r.extra.get("router_cpu_s")) is not None)

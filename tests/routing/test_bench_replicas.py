@@ -120,3 +120,18 @@ def test_start_redis_without_the_binary(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr("benchmarks.routing.launch.shutil.which", lambda name: None)
     with pytest.raises(launch.LaunchError, match="not installed"):
         launch.start_redis(log_dir=tmp_path)
+
+
+def test_compare_replicas_takes_the_median_split_over_rounds() -> None:
+    even, skewed = [0.25] * 4, [0.31, 0.25, 0.19, 0.25]
+    rounds = [{"load_split": s, "load_split_max_dev": d}
+              for s, d in ((even, 0.0), (skewed, 0.25), (even, 0.02))]  # fmt: skip
+    rows = [
+        _row("gateway:prefix-cache", 0.84, even),
+        _row("gateway-2r:prefix-cache", 0.84, skewed, rounds=rounds),  # the chosen round
+    ]
+    (cmp,) = compare_replicas(rows, single="gateway:prefix-cache",
+                              replicated="gateway-2r:prefix-cache")  # fmt: skip
+    assert cmp["rows"][1]["split_max_dev"] == 0.02
+    assert cmp["rows"][1]["split_rounds"] == [even, skewed, even]
+    assert [t["met"] for t in cmp["targets"]] == [True, True]
