@@ -13,7 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["ANONYMOUS", "Principal"]
 
@@ -46,14 +46,13 @@ class Principal:
             return True
         return adapter is not None and adapter in self.models
 
-    @property
-    def limited(self) -> bool:
-        """True when any RPM/TPM limit applies to this caller."""
-        return any(
-            v is not None
-            for v in (self.rpm, self.tpm, self.user_rpm, self.user_tpm, self.tenant_rpm,
-                      self.tenant_tpm)
-        )  # fmt: skip
+    limited: bool = field(init=False, default=False)
+    """True when any RPM/TPM limit applies to this caller (computed once: read per request)."""
+
+    def __post_init__(self) -> None:
+        limits = (self.rpm, self.tpm, self.user_rpm, self.user_tpm, self.tenant_rpm,
+                  self.tenant_tpm)  # fmt: skip
+        object.__setattr__(self, "limited", any(v is not None for v in limits))
 
 
 ANONYMOUS = Principal(key_id="anonymous")

@@ -50,7 +50,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway.ratelimit_local import ADMITTED, FITS, NEVER, LocalWindows
-from gateway.ratelimit_lua import run_script
+from gateway.ratelimit_lua import parse_rows, run_script
 from gateway.ratelimit_rules import (
     LimitRule,
     Reservation,
@@ -78,7 +78,7 @@ __all__ = [
 
 MAX_BATCH = 256  # acquire items per Redis call
 MAX_SETTLE = 256  # settlements per Redis call
-MAX_FLIGHTS = 4  # concurrent batch calls per limiter
+MAX_FLIGHTS = 1  # batch calls in flight: while one is out, the next batch grows
 MAX_QUEUED = 8192  # acquires waiting for a flight; beyond it they are decided locally
 MAX_SETTLES_QUEUED = 65_536  # settlements waiting; beyond it they are dropped (and counted)
 SETTLE_INTERVAL_S = 0.05  # run(): settlements wait at most this long for a batch to ride
@@ -253,7 +253,8 @@ class RateLimiter:
                 self.settlements["dropped"] += len(settles)
             else:
                 self.settlements["sent"] += len(settles)
-                for (rules, tokens, seq, future), row in zip(batch, result, strict=True):
+                rows = parse_rows(result)
+                for (rules, tokens, seq, future), row in zip(batch, rows, strict=True):
                     self._resolve(future, self._finish(rules, tokens, seq, row, share=0))
         except Exception:
             log.exception("rate limit batch failed; deciding it locally")

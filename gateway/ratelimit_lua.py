@@ -19,8 +19,11 @@ spends ~0.5 us of CPU encoding each argument, ~5 us per request with one per fie
     ARGV[2] = settlements: (r old_member new_member) ...   new_member "-" = remove
     ARGV[3] = items: (seq n_rules (r limit amount) x n_rules) ...
 
-It returns one array per item: ``status, n_rules x (used, reset_ms, retry_ms)`` with the
-codes of :mod:`gateway.ratelimit_local`.
+It returns one row per item (rows separated by ``;``), ``status, n_rules x (used,
+reset_ms, retry_ms)`` as space-separated integers with the codes of
+:mod:`gateway.ratelimit_local`: one bulk string for the whole batch (:func:`parse_rows`),
+because redis-py's RESP parser costs ~4 us of CPU per array element (~50 us per request of
+four rules as nested arrays, measured).
 
 Example::
 
@@ -160,7 +163,8 @@ while i <= #A do
     end
   end
   res[1] = status
-  out[#out + 1] = res
+  for k = 1, #res do res[k] = string.format('%d', res[k]) end
+  out[#out + 1] = table.concat(res, ' ')
   i = i + 3 * nr
 end
 
@@ -172,10 +176,16 @@ for r, _ in pairs(dirty) do
     redis.call('DEL', KEYS[2 * r])
   end
 end
-return out
+return table.concat(out, ';')
 """
 
 SCRIPT_SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis names scripts so)
+
+
+def parse_rows(reply: bytes | str) -> list[list[int]]:
+    """The script's reply: one row of integers per item of the batch."""
+    text = reply.encode() if isinstance(reply, str) else reply
+    return [[int(v) for v in row.split()] for row in text.split(b";")] if text else []
 
 
 async def run_script(client: aioredis.Redis, keys: list[str], args: list[str | int]) -> Any:

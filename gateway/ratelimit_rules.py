@@ -89,7 +89,22 @@ def rules_for(
     (hashed with the key id: Redis never sees a raw user id)."""
     if not principal.limited:
         return ()
+    base = _principal_rules(principal, settings.window_s)
+    if not user or (principal.user_rpm is None and principal.user_tpm is None):
+        return base
     w = settings.window_s
+    uid = xxhash.xxh64_hexdigest(f"{principal.key_id}\0{user}")
+    out = list(base)
+    if principal.user_rpm is not None:
+        out.append(LimitRule("user", uid, "requests", per_window(principal.user_rpm, w)))
+    if principal.user_tpm is not None:
+        out.append(LimitRule("user", uid, "tokens", per_window(principal.user_tpm, w)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)  # principals are few and immutable: built once per key
+def _principal_rules(principal: Principal, w: float) -> tuple[LimitRule, ...]:
+    """The key's and its tenant's rules (the same for every request of that key)."""
     out: list[LimitRule] = []
     kid = principal.key_id
     if principal.rpm is not None:
@@ -103,12 +118,6 @@ def rules_for(
         if principal.tenant_tpm is not None:
             tpm = per_window(principal.tenant_tpm, w)
             out.append(LimitRule("tenant", principal.tenant, "tokens", tpm))
-    if user and (principal.user_rpm is not None or principal.user_tpm is not None):
-        uid = xxhash.xxh64_hexdigest(f"{kid}\0{user}")
-        if principal.user_rpm is not None:
-            out.append(LimitRule("user", uid, "requests", per_window(principal.user_rpm, w)))
-        if principal.user_tpm is not None:
-            out.append(LimitRule("user", uid, "tokens", per_window(principal.user_tpm, w)))
     return tuple(out)
 
 

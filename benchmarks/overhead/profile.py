@@ -1,7 +1,8 @@
 """``python -m benchmarks.overhead.profile``: where the gateway's CPU goes, py-spy's top-N.
 
 Starts three zero-delay fake engines and ``switchyard serve`` (round-robin; the current
-tree, or ``--before-rev REV`` from a temporary worktree as in the overhead benchmark), puts
+tree, ``--edge`` with the production edge on, or ``--before-rev REV`` from a temporary
+worktree as in the overhead benchmark), puts
 wrk at c=32 on it, and samples the gateway with ``py-spy record --format raw`` meanwhile.
 Prints the top-N functions by own time (the event loop's idle wait left out), the share per
 package, and the CPU per request of the same run; writes JSON.
@@ -51,12 +52,16 @@ def parse_raw(text: str) -> tuple[collections.Counter[str], collections.Counter[
     return funcs, packages, busy
 
 
-def profile(before_rev: str | None, seconds: float, rate: int, logs: Path) -> dict[str, Any]:
+def profile(
+    before_rev: str | None, seconds: float, rate: int, logs: Path, *, edge: bool = False
+) -> dict[str, Any]:
     pyspy = shutil.which("py-spy") or str(Path(cont.SWITCHYARD).parent / "py-spy")
     engines = start_engines(3, REGIMES["c"], logs)
     try:
         starter = (
-            cont.switchyard_before(before_rev) if before_rev else cont.switchyard("round-robin")
+            cont.switchyard_before(before_rev)
+            if before_rev
+            else cont.switchyard("round-robin", edge=edge)
         )
         run = starter(engines.urls, logs)
         try:
@@ -67,7 +72,7 @@ def profile(before_rev: str | None, seconds: float, rate: int, logs: Path) -> di
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             before = run.proc.usage()[0]
-            result = run_wrk([run.url], 32, seconds, REGIMES["c"].script)
+            result = run_wrk([run.url], 32, seconds, REGIMES["c"].script, auth=run.auth)
             cpu_s = run.proc.usage()[0] - before
             spy.wait(timeout=seconds + 60)
             text = raw.read_text() if raw.exists() else ""
@@ -77,7 +82,7 @@ def profile(before_rev: str | None, seconds: float, rate: int, logs: Path) -> di
         engines.stop()
     funcs, packages, busy = parse_raw(text)
     return {
-        "revision": before_rev or "HEAD",
+        "revision": before_rev or ("HEAD-edge" if edge else "HEAD"),
         "requests": result.requests,
         "req_per_s": result.rps,
         "cpu_us_per_request": cpu_s / max(1, result.requests) * 1e6,
@@ -93,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=10)
+    p.add_argument("--edge", action="store_true", help="the production edge on (Redis, limits)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logs = Path(tempfile.mkdtemp(prefix="overhead-profile-"))
-    row = profile(args.before_rev, args.seconds, args.rate, logs)
+    row = profile(args.before_rev, args.seconds, args.rate, logs, edge=args.edge)
     print(
         f"{row['revision']}: {row['req_per_s']:,.0f} req/s, "
         f"{row['cpu_us_per_request']:,.0f} us CPU/request, {row['busy_samples']} busy samples"
