@@ -25,6 +25,8 @@ import orjson
 __all__ = ["UsageChunkFilter", "with_include_usage"]
 
 _SEP = b"\n\n"
+_EMPTY_CHOICES = b'"choices":[]'
+_EMPTY_CHOICES_SPACED = b'"choices": []'
 _MAX_PENDING = 1 << 20
 """A partial event longer than this is passed on unfiltered (no unbounded buffering)."""
 
@@ -62,7 +64,12 @@ class UsageChunkFilter:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk if self._pending else chunk
-        if b'"usage"' not in data:  # the common case: nothing to drop in this chunk
+        if _EMPTY_CHOICES not in data and _EMPTY_CHOICES_SPACED not in data:
+            # The common case: no event here can be the usage chunk (every other chunk has
+            # choices, and may carry "usage": null); whole events pass without a copy.
+            if data.endswith(_SEP):
+                self._pending = b""
+                return data
             cut = data.rfind(_SEP)
             if cut < 0:
                 return self._hold(data)
