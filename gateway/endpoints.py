@@ -293,6 +293,13 @@ class EndpointRegistry:
         self._seq += 1
         return self._seq
 
+    def advance_seq(self, by: int) -> None:
+        """Skip ``by`` sequence numbers. Replicas start at a random offset so that their
+        seq-derived tie-breaks differ (two replicas' n-th requests would otherwise break
+        ties alike and pile onto one engine); differences of seqs, all that decay reads,
+        are unchanged."""
+        self._seq += max(0, by)
+
     def snapshots(self) -> list[EndpointSnapshot]:
         return [state.snapshot() for state in self._states.values()]
 

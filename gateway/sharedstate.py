@@ -15,17 +15,20 @@ to N cold placements per group). :class:`SharedRoutingState` keeps them in step:
   heartbeat (ZSET ``<prefix>rs:replicas``, scored with Redis server time, so no clock skew
   between hosts) and its per-engine counts (hash ``<prefix>rs:load``, a field per live
   replica), drops replicas silent for ``liveness`` = max(1 s, 5 intervals), reads the other
-  live replicas' counts, appends this replica's batch -- new prefix records, VTC charges,
-  and per engine the requests it routed and the placements among them -- to the stream
-  ``<prefix>rs:events`` (one entry per sync, ``XADD MAXLEN ~``) and reads the other
-  replicas' entries since its last id.
+  live replicas' counts, appends this replica's batch -- new prefix records and VTC charges
+  -- to the stream ``<prefix>rs:events`` (one entry per sync, ``XADD MAXLEN ~``) and reads
+  the other replicas' entries since its last id.
 * **applied locally**: the other replicas' counts are summed per engine and replace
   ``EngineState``'s remote counts wholesale (snapshots add them); their prefix records are
   inserted into the local index as approximate entries (the same as its own commits); their
-  routed and placement counts join the engines' decayed recent counts (the prefix-cache
-  scorer's balance and placement terms then weigh the fleet's traffic, not this replica's
-  share of it); their charges are added to the local VTC counters (each replica keeps its
-  own lifts).
+  charges are added to the local VTC counters (each replica keeps its own lifts).
+* **kept local, on purpose**: the decayed counts of requests routed and placements made per
+  engine (the prefix-cache scorer's balance and placement terms) and the tie-break order.
+  Each replica balances its own share; sharing them was measured worse (the benchmark's
+  16 x 16 groups: homes 4/4/3/5 in every diagnostic run with them, 4/4/4/4 without; two
+  placements racing on two replicas count twice and skew the shares). Each replica starts
+  its request sequence at a random offset, so seq-derived tie-breaks differ between
+  replicas (with equal sequences their first requests all picked the same engine).
 
 **Staleness**: a replica sees another's state as of that replica's last sync, fetched by its
 own next sync: between 0 and 2 intervals plus one round trip old (about one interval, 50 ms,
@@ -49,9 +52,8 @@ trimmed unread; charges made while Redis is down are published when it is back (
 
 **Redis down** (:meth:`RedisLink.call` returns None): the replica serves on local state;
 after ``liveness`` without a good sync the remote counts are cleared (a vanished replica's
-load must not stick) and routing counts not yet published are dropped,
-:meth:`SharedRoutingState.replicas` keeps the last known count; the sync resumes when the
-link's probe closes the breaker.
+load must not stick), :meth:`SharedRoutingState.replicas` keeps the last known count; the
+sync resumes when the link's probe closes the breaker.
 
 **Cost**: one sync is ~150-200 us of CPU back to back on the shared 2-core test host, but
 ~0.8 ms at 20 syncs/s (the host's wake-up cost after each sleep dominates: a PING alone
@@ -148,9 +150,9 @@ class SharedRoutingState:
         self._remote_set = False
         self._replicas = settings.limits.replicas
         self._charges: dict[str, float] = {}  # VTC charges not yet published
-        self._routed: dict[str, tuple[int, int]] = {}  # routed/placed not yet published
         self.outbox: deque[tuple[str, tuple[int, ...]]] = deque(maxlen=OUTBOX_RECORDS)
         router.outbox = self.outbox
+        endpoints.advance_seq(secrets.randbelow(1 << 32))  # tie-breaks differ per replica
         router.vtc.track_charges()
         self.sync_seconds = Histogram(
             "switchyard_shared_state_sync_seconds",
@@ -203,10 +205,6 @@ class SharedRoutingState:
         loads: dict[str, Load] = {}
         for state in self.endpoints:
             loads[state.id] = state.engine.local_load()
-            routed, placed = state.engine.take_routed()
-            if routed or placed:
-                was = self._routed.get(state.id, (0, 0))
-                self._routed[state.id] = (was[0] + routed, was[1] + placed)
         args = [
             self.replica_id,
             pack_loads(loads),
@@ -215,7 +213,7 @@ class SharedRoutingState:
             READ_COUNT,
             STREAM_MAXLEN,
             int(STREAM_TTL_S * 1000),
-            pack_batch(prefixes, self._charges, self._routed),
+            pack_batch(prefixes, self._charges),
             MAX_READ_BYTES,
         ]
         raw = await self.link.call("shared_state", lambda r: self._run_script(r, args))
@@ -232,7 +230,6 @@ class SharedRoutingState:
         for _ in range(min(taken, len(self.outbox))):
             self.outbox.popleft()
         self._charges = {}
-        self._routed = {}
         if prefixes:
             self._sent.inc(len(prefixes))
         self._apply(reply)
@@ -279,7 +276,6 @@ class SharedRoutingState:
             state.engine.set_remote(in_flight=n, in_flight_tokens=tokens, prefill_tokens=prefill)
         self._remote_set = bool(totals)
         received = 0
-        routed: dict[str, tuple[int, int]] = {}
         for blob in reply.entries:
             try:
                 batch = unpack_batch(blob)
@@ -292,29 +288,17 @@ class SharedRoutingState:
                     received += 1
             if batch.charges:
                 self.router.vtc.add_remote(batch.charges)
-            for eid, (n, placed) in batch.routed.items():
-                was = routed.get(eid, (0, 0))
-                routed[eid] = (was[0] + n, was[1] + placed)
         if received:
             self._received.inc(received)
-        if routed:
-            # As of this replica's latest request (the decay runs on its own sequence).
-            seq = max(0, max(snap.last_routed_seq for snap in self.endpoints.snapshots()))
-            for eid, (n, placed) in routed.items():
-                target = self.endpoints.get(eid)
-                if target is not None:
-                    target.engine.add_routed(routed=n, placed=placed, seq=seq)
 
     def _stale(self) -> None:
-        """No good sync for ``liveness``: drop the remote counts (nothing sticks) and the
-        routing counts not yet published (too old to mean "recent" to the others)."""
+        """No good sync for ``liveness``: drop the remote counts (nothing sticks)."""
+        if not self._remote_set:
+            return
         if self._last_ok is not None and self._clock() - self._last_ok < self.liveness_s:
             return
-        self._routed = {}
         for state in self.endpoints:
-            state.engine.take_routed()
-            if self._remote_set:
-                state.engine.set_remote()
+            state.engine.set_remote()
         self._remote_set = False
 
 

@@ -4,13 +4,13 @@ script a sync runs, and the packing of what replicas exchange. Pure, table-teste
 * a replica's per-engine counts (the load hash, one field per replica): msgpack
   ``{engine: [in_flight, in_flight_tokens, prefill_tokens]}``, idle engines left out;
 * one stream entry per sync (``r`` = replica id, ``b`` = :class:`Batch`): msgpack
-  ``{"p": [[engine, hashes]], "v": {user: cost}, "c": {engine: [routed, placed]}}``, empty
-  parts left out; block hashes are unsigned 64-bit xxh3 values packed little-endian.
+  ``{"p": [[engine, hashes]], "v": {user: cost}}``, empty parts left out; block hashes
+  are unsigned 64-bit xxh3 values packed little-endian.
 
 Example::
 
     prefixes, taken = pack_prefixes([("e0", (11, 12, 13))])
-    unpack_batch(pack_batch(prefixes, {"alice": 120.0}, {"e0": (1, 1)})).prefixes
+    unpack_batch(pack_batch(prefixes, {"alice": 120.0})).prefixes
 """
 
 from __future__ import annotations
@@ -163,29 +163,20 @@ def pack_prefixes(
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """What one replica publishes per sync: prefix records (engine, chained block hashes),
-    VTC charges per user, and per engine the requests it routed there and the placements
-    among them (:meth:`routing.state.EngineState.take_routed`)."""
+    """What one replica publishes per sync: prefix records (engine, chained block hashes)
+    and VTC charges per user."""
 
     prefixes: tuple[tuple[str, list[int]], ...] = ()
     charges: Mapping[str, float] = field(default_factory=dict)
-    routed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
-def pack_batch(
-    prefixes: Sequence[tuple[str, bytes]],
-    charges: Mapping[str, float],
-    routed: Mapping[str, tuple[int, int]],
-) -> bytes:
+def pack_batch(prefixes: Sequence[tuple[str, bytes]], charges: Mapping[str, float]) -> bytes:
     """One stream entry's payload (msgpack; ``b""`` when there is nothing to publish)."""
     doc: dict[str, Any] = {}
     if prefixes:
         doc["p"] = [list(item) for item in prefixes]
     if charges:
         doc["v"] = dict(charges)
-    busy = {eid: list(counts) for eid, counts in routed.items() if counts != (0, 0)}
-    if busy:
-        doc["c"] = busy
     return msgpack.packb(doc) if doc else b""
 
 
@@ -212,12 +203,7 @@ def unpack_batch(blob: bytes) -> Batch:
         if not isinstance(user, str) or not isinstance(cost, int | float) or cost < 0:
             raise ValueError("bad charge")
         charges[user] = float(cost)
-    routed: dict[str, tuple[int, int]] = {}
-    for eid, counts in _of(doc, "c", dict).items():
-        if not (isinstance(eid, str) and _counts(counts, 2)):
-            raise ValueError("bad routed counts")
-        routed[eid] = (counts[0], counts[1])
-    return Batch(tuple(prefixes), charges, routed)
+    return Batch(tuple(prefixes), charges)
 
 
 def _of(doc: dict[Any, Any], key: str, kind: type) -> Any:

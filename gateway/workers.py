@@ -11,10 +11,10 @@ approximate prefix index, VTC counters, EWMAs. Each worker then routes on its ow
 with N workers a prefix group placed by one worker is unknown to the others (up to N cold
 placements per group instead of one) and least-request balances each worker's own share.
 With ``redis_url`` each worker is one replica of :mod:`gateway.sharedstate` (its own random
-replica id): in-flight counts, prefix records, routing counts and VTC charges go out every
-``redis.sync_interval_s``, exactly as between separate gateways; EWMAs and scrapes stay per
-worker. Every worker probes and scrapes every engine (N times the background load on
-engines).
+replica id): in-flight counts, prefix records and VTC charges go out every
+``redis.sync_interval_s``, exactly as between separate gateways; EWMAs, scrapes and the
+recent-routing counts of the balance and placement terms stay per worker. Every worker
+probes and scrapes every engine (N times the background load on engines).
 
 The parent supervises: a worker that dies is restarted (at most ``MAX_RESTARTS`` within
 ``RESTART_WINDOW_S``, then the parent stops all and exits 1). SIGINT/SIGTERM to the parent

@@ -65,11 +65,9 @@ class EngineState:
         "_metrics",
         "_models",
         "_placed",
-        "_placed_new",
         "_prefill_tokens",
         "_recent",
         "_remote",
-        "_routed_new",
         "_scraped_at",
         "_slow",
         "_ttft",
@@ -105,8 +103,6 @@ class EngineState:
         # Other gateway replicas' (in_flight, in_flight_tokens, prefill_tokens) here, replaced
         # wholesale by the shared routing state's sync (gateway/sharedstate.py).
         self._remote: tuple[int, int, int] = (0, 0, 0)
-        self._routed_new = 0  # routed here / placements since the last take_routed()
-        self._placed_new = 0
         self.completed = 0
         self.prompt_tokens_total = 0
         self.output_tokens_total = 0
@@ -138,8 +134,6 @@ class EngineState:
             self._recent = self._recent * keep + 1.0
             self._placed = self._placed * keep + float(placed)
             self._last_seq = seq
-            self._routed_new += 1
-            self._placed_new += placed
         self.prompt_tokens_total += prompt_tokens
         self._cached = None
         return ticket
@@ -194,27 +188,6 @@ class EngineState:
     @property
     def remote_load(self) -> tuple[int, int, int]:
         return self._remote
-
-    def take_routed(self) -> tuple[int, int]:
-        """Requests routed here, and placements among them, since the last call (what a
-        replica publishes; counted as the recent counters are: late failovers never)."""
-        taken = (self._routed_new, self._placed_new)
-        self._routed_new = self._placed_new = 0
-        return taken
-
-    def add_routed(self, *, routed: int, placed: int, seq: int) -> None:
-        """Other replicas routed ``routed`` requests here (``placed`` of them placements):
-        they join the decayed recent counts as if routed at this replica's request ``seq``
-        (``last_routed_seq`` moves there, never back), so the balance and placement terms
-        see the whole fleet's traffic, not this replica's share of it."""
-        if routed <= 0 and placed <= 0:
-            return
-        seq = max(seq, self._last_seq)
-        keep = decayed_recent(1.0, last_seq=self._last_seq, seq=seq)
-        self._recent = self._recent * keep + routed
-        self._placed = self._placed * keep + placed
-        self._last_seq = seq
-        self._cached = None
 
     # -- scraper / health ---------------------------------------------------------------
     def observe_metrics(self, metrics: EngineMetrics, *, at: float) -> None:
