@@ -6,6 +6,8 @@
     ├── Overloaded                  503  code=server_is_overloaded  (concurrency guard, shed
     │   │                                                            from the admission queue)
     │   └── ShuttingDown            503  code=shutting_down         (drain after Ctrl-C)
+    ├── KeyStoreUnavailable         503  code=key_store_unavailable (an admin key change
+    │                                                                 while Redis is down)
     ├── ClientError (400 invalid_request_error)
     │   ├── InvalidJSON             400  code=invalid_json
     │   ├── InvalidField            400  code=invalid_value, param set
@@ -184,7 +186,18 @@ class NoHealthyEndpoint(UpstreamError):
     code = "no_healthy_endpoint"
 
     def headers(self) -> dict[str, str]:
-        return {"retry-after": "1", "retry-after-ms": "1000"}
+        return retry_after_headers(1.0)
+
+
+class KeyStoreUnavailable(GatewayError):
+    """503: the shared key store (Redis) cannot take an admin change right now."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "key_store_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return retry_after_headers(1.0)
 
 
 def envelope(

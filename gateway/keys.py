@@ -49,11 +49,10 @@ from redis.exceptions import WatchError
 
 from gateway.errors import (
     ClientError,
-    GatewayError,
+    KeyStoreUnavailable,
     NotFound,
     PermissionDenied,
     Unauthorized,
-    retry_after_headers,
 )
 from gateway.principal import ANONYMOUS, Principal
 from gateway.redislink import RedisLink
@@ -78,17 +77,6 @@ KEY_PREFIX = "sk-sy-"
 MAX_KEYS = 100_000  # admin-issued keys kept (revoked ones included): bounds the hash
 _TXN_TRIES = 5
 _NO_KEY = "Incorrect or missing API key; send 'Authorization: Bearer <key>'."
-
-
-class KeyStoreUnavailable(GatewayError):
-    """503: the shared key store (Redis) cannot take an admin change right now."""
-
-    status = 503
-    type = "service_unavailable_error"
-    code = "key_store_unavailable"
-
-    def headers(self) -> dict[str, str]:
-        return retry_after_headers(1.0)
 
 
 def bearer_token(authorization: str | None) -> str | None:
