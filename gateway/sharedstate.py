@@ -25,8 +25,8 @@ to N cold placements per group). :class:`SharedRoutingState` keeps them in step:
 * **kept local, on purpose**: the decayed counts of requests routed and placements made per
   engine (the prefix-cache scorer's balance and placement terms) and the tie-break order.
   Each replica balances its own share; sharing them was measured worse (the benchmark's
-  16 x 16 groups: homes 4/4/3/5 in every diagnostic run with them, 4/4/4/4 without; two
-  placements racing on two replicas count twice and skew the shares). Each replica starts
+  16 x 16 groups: one engine home to 5 groups in each of 6 diagnostic runs with them,
+  4/4/4/4 in each of 4 without; benchmarks/routing/README.md). Each replica starts
   its request sequence at a random offset, so seq-derived tie-breaks differ between
   replicas (with equal sequences their first requests all picked the same engine).
 
