@@ -42,7 +42,8 @@ class _EndpointCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         in_flight = GaugeMetricFamily(
             "switchyard_proxy_in_flight_requests",
-            "Requests the gateway has in flight per engine",
+            "Requests in flight per engine as this gateway routes on them (with redis_url "
+            "every replica's, as of the last sync: take max, not sum, across replicas)",
             labels=["endpoint"],
         )
         healthy = GaugeMetricFamily(
