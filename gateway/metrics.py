@@ -32,6 +32,54 @@ _LATENCY_BUCKETS = (
 _BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
+_EndpointFamily = GaugeMetricFamily | CounterMetricFamily
+
+_ENDPOINT_FAMILIES: tuple[tuple[str, str, type[_EndpointFamily]], ...] = (
+    (
+        "switchyard_proxy_in_flight_requests",
+        "Requests in flight per engine as this gateway routes on them (with redis_url "
+        "every replica's, as of the last sync: take max, not sum, across replicas)",
+        GaugeMetricFamily,
+    ),
+    (
+        "switchyard_endpoint_healthy_ratio",
+        "1 when the engine passes health checks, else 0",
+        GaugeMetricFamily,
+    ),
+    (
+        "switchyard_endpoint_scraped_timestamp_seconds",
+        "Monotonic clock reading of the engine's last good /metrics scrape",
+        GaugeMetricFamily,
+    ),
+    (
+        "switchyard_endpoint_waiting_requests",
+        "Requests waiting in the engine's queue (last scrape)",
+        GaugeMetricFamily,
+    ),
+    (
+        "switchyard_endpoint_kv_usage_ratio",
+        "Engine KV-cache usage 0..1 (last scrape)",
+        GaugeMetricFamily,
+    ),
+    (
+        "switchyard_outlier_ejected",
+        "1 while the engine is ejected or half-open after consecutive failures, else 0",
+        GaugeMetricFamily,
+    ),
+    (
+        "switchyard_outlier_ejections",
+        "Times the engine was ejected after consecutive failures",
+        CounterMetricFamily,
+    ),
+    (
+        "switchyard_engine_slow",
+        "1 while the engine's TTFT is far above its peers' median (routing avoids it)",
+        GaugeMetricFamily,
+    ),
+)
+"""Per-endpoint families, in exposition order: (name, help, kind), labelled ``endpoint``."""
+
+
 class _EndpointCollector(Collector):
     """In-flight, health, outlier and slowness gauges read live from the endpoint registry,
     and the retry budget's refusals."""
@@ -40,47 +88,18 @@ class _EndpointCollector(Collector):
         self._endpoints = endpoints
 
     def collect(self) -> Iterator[Metric]:
-        in_flight = GaugeMetricFamily(
-            "switchyard_proxy_in_flight_requests",
-            "Requests in flight per engine as this gateway routes on them (with redis_url "
-            "every replica's, as of the last sync: take max, not sum, across replicas)",
-            labels=["endpoint"],
-        )
-        healthy = GaugeMetricFamily(
-            "switchyard_endpoint_healthy_ratio",
-            "1 when the engine passes health checks, else 0",
-            labels=["endpoint"],
-        )
-        scraped = GaugeMetricFamily(
-            "switchyard_endpoint_scraped_timestamp_seconds",
-            "Monotonic clock reading of the engine's last good /metrics scrape",
-            labels=["endpoint"],
-        )
-        waiting = GaugeMetricFamily(
-            "switchyard_endpoint_waiting_requests",
-            "Requests waiting in the engine's queue (last scrape)",
-            labels=["endpoint"],
-        )
-        kv_usage = GaugeMetricFamily(
-            "switchyard_endpoint_kv_usage_ratio",
-            "Engine KV-cache usage 0..1 (last scrape)",
-            labels=["endpoint"],
-        )
-        ejected = GaugeMetricFamily(
-            "switchyard_outlier_ejected",
-            "1 while the engine is ejected or half-open after consecutive failures, else 0",
-            labels=["endpoint"],
-        )
-        ejections = CounterMetricFamily(
-            "switchyard_outlier_ejections",
-            "Times the engine was ejected after consecutive failures",
-            labels=["endpoint"],
-        )
-        slow = GaugeMetricFamily(
-            "switchyard_engine_slow",
-            "1 while the engine's TTFT is far above its peers' median (routing avoids it)",
-            labels=["endpoint"],
-        )
+        families = {
+            name: kind(name, help_text, labels=["endpoint"])
+            for name, help_text, kind in _ENDPOINT_FAMILIES
+        }
+        in_flight = families["switchyard_proxy_in_flight_requests"]
+        healthy = families["switchyard_endpoint_healthy_ratio"]
+        scraped = families["switchyard_endpoint_scraped_timestamp_seconds"]
+        waiting = families["switchyard_endpoint_waiting_requests"]
+        kv_usage = families["switchyard_endpoint_kv_usage_ratio"]
+        ejected = families["switchyard_outlier_ejected"]
+        ejections = families["switchyard_outlier_ejections"]
+        slow = families["switchyard_engine_slow"]
         for state in self._endpoints:
             snap = state.snapshot()
             in_flight.add_metric([state.id], snap.in_flight)
@@ -92,14 +111,7 @@ class _EndpointCollector(Collector):
                 scraped.add_metric([state.id], snap.scraped_at)
                 waiting.add_metric([state.id], snap.waiting)
                 kv_usage.add_metric([state.id], snap.kv_usage)
-        yield in_flight
-        yield healthy
-        yield scraped
-        yield waiting
-        yield kv_usage
-        yield ejected
-        yield ejections
-        yield slow
+        yield from families.values()
         exhausted = CounterMetricFamily(
             "switchyard_retry_budget_exhausted",
             "Failovers refused because retries reached their share of recent requests",
