@@ -6,6 +6,7 @@ the budget, a slow engine avoided."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +24,7 @@ from gateway.outliers import (
 )
 from gateway.settings import OutlierSettings
 from tests.gateway.conftest import StartEngines, StartGateway
+from tests.gateway.fakeupstream import FakeEngine
 
 
 class Clock:
@@ -267,42 +269,72 @@ def _engine(client: httpx.Client, gw: str, engine_url: str) -> dict[str, Any]:
     return dict(entry)
 
 
+def _chat_until(
+    client: httpx.Client,
+    gw: str,
+    engine_url: str,
+    done: Callable[[dict[str, Any]], bool],
+    *,
+    tries: int = 40,
+    pause_s: float = 0.0,
+    **extra: Any,
+) -> None:
+    """Chat through the gateway (every answer a 200) until the engine's ``/ready`` entry
+    satisfies ``done``, at most ``tries`` times; the caller asserts the outcome."""
+    for _ in range(tries):
+        assert _chat(client, gw, **extra).status_code == 200
+        if done(_engine(client, gw, engine_url)):
+            return
+        time.sleep(pause_s)
+
+
+def _with_odd_engine(
+    start_engines: StartEngines,
+    start_gateway: StartGateway,
+    outliers: dict[str, float],
+    **knobs: Any,
+) -> tuple[FakeEngine, str, str, str]:
+    """Two engines behind a gateway with ``outliers`` settings, the second one's ``knobs``
+    set (``status=500``, ``ttft=0.2``): the odd engine, its URL, the other's URL, the
+    gateway's URL."""
+    (_, normal_srv), (odd, odd_srv) = start_engines(2)
+    for knob, value in knobs.items():
+        setattr(odd, knob, value)
+    gw = start_gateway([normal_srv.url, odd_srv.url], outliers=outliers)
+    return odd, odd_srv.url, normal_srv.url, gw.url
+
+
 def test_failing_engine_is_ejected_then_readmitted_after_it_heals(
     start_engines: StartEngines, start_gateway: StartGateway
 ) -> None:
-    (good, good_srv), (bad, bad_srv) = start_engines(2)
-    bad.status = 500
-    gw = start_gateway(
-        [good_srv.url, bad_srv.url],
-        outliers={"consecutive_failures": 2, "base_ejection_s": 2.0, "max_ejection_s": 8.0},
+    bad, bad_url, _, gw_url = _with_odd_engine(
+        start_engines,
+        start_gateway,
+        {"consecutive_failures": 2, "base_ejection_s": 2.0, "max_ejection_s": 8.0},
+        status=500,
     )
     with httpx.Client(timeout=30.0) as client:
-        for _ in range(40):  # round-robin: the bad engine fails twice within a few requests
-            assert _chat(client, gw.url).status_code == 200  # failover hides its 500s
-            if _engine(client, gw.url, bad_srv.url)["outlier"]["state"] == "ejected":
-                break
-        before = _engine(client, gw.url, bad_srv.url)["outlier"]
+        # round-robin: the bad engine fails twice within a few requests; failover hides its 500s
+        _chat_until(client, gw_url, bad_url, lambda e: e["outlier"]["state"] == "ejected")
+        before = _engine(client, gw_url, bad_url)["outlier"]
         assert before["state"] == "ejected" and before["ejections"] >= 1
         hits = bad.requests
-        answers = [_chat(client, gw.url) for _ in range(10)]
-        after = _engine(client, gw.url, bad_srv.url)["outlier"]
+        answers = [_chat(client, gw_url) for _ in range(10)]
+        after = _engine(client, gw_url, bad_url)["outlier"]
         if after["ejections"] == before["ejections"] and after["state"] == "ejected":
             assert bad.requests == hits  # the same ejection throughout: no request reached it
         assert [r.status_code for r in answers] == [200] * 10
-        metrics = client.get(f"{gw.url}/metrics").text
-        assert f'switchyard_outlier_ejected{{endpoint="{bad_srv.url[7:]}"}} 1.0' in metrics
-        assert f'switchyard_outlier_ejections_total{{endpoint="{bad_srv.url[7:]}"}}' in metrics
+        metrics = client.get(f"{gw_url}/metrics").text
+        assert f'switchyard_outlier_ejected{{endpoint="{bad_url[7:]}"}} 1.0' in metrics
+        assert f'switchyard_outlier_ejections_total{{endpoint="{bad_url[7:]}"}}' in metrics
 
         bad.status = None  # healed: the half-open probe succeeds and readmits it
-        for _ in range(400):
-            assert _chat(client, gw.url).status_code == 200
-            if _engine(client, gw.url, bad_srv.url)["outlier"]["state"] == "ok":
-                break
-            time.sleep(0.05)
-        assert _engine(client, gw.url, bad_srv.url)["outlier"]["state"] == "ok"
+        _chat_until(client, gw_url, bad_url, lambda e: e["outlier"]["state"] == "ok",
+                    tries=400, pause_s=0.05)  # fmt: skip
+        assert _engine(client, gw_url, bad_url)["outlier"]["state"] == "ok"
         served = bad.requests
         for _ in range(6):
-            assert _chat(client, gw.url).status_code == 200
+            assert _chat(client, gw_url).status_code == 200
         assert bad.requests > served  # back in the rotation
 
 
@@ -331,23 +363,21 @@ def test_retry_storm_stays_within_the_budget(
 def test_slow_engine_is_avoided_and_shown(
     start_engines: StartEngines, start_gateway: StartGateway
 ) -> None:
-    (fast, fast_srv), (slow, slow_srv) = start_engines(2)
-    slow.ttft = 0.2
-    gw = start_gateway(
-        [fast_srv.url, slow_srv.url],
-        outliers={"slow_min_samples": 3, "slow_check_s": 0.05, "slow_factor": 3.0},
+    slow, slow_url, fast_url, gw_url = _with_odd_engine(
+        start_engines,
+        start_gateway,
+        {"slow_min_samples": 3, "slow_check_s": 0.05, "slow_factor": 3.0},
+        ttft=0.2,
     )
     with httpx.Client(timeout=30.0) as client:
-        for _ in range(40):  # streams measure TTFT; round-robin feeds both engines
-            assert _chat(client, gw.url, stream=True).status_code == 200
-            if _engine(client, gw.url, slow_srv.url)["slow"]:
-                break
-        assert _engine(client, gw.url, slow_srv.url)["slow"]
-        assert not _engine(client, gw.url, fast_srv.url)["slow"]
+        # streams measure TTFT; round-robin feeds both engines
+        _chat_until(client, gw_url, slow_url, lambda e: bool(e["slow"]), stream=True)
+        assert _engine(client, gw_url, slow_url)["slow"]
+        assert not _engine(client, gw_url, fast_url)["slow"]
         served = slow.requests
         for _ in range(6):
-            assert _chat(client, gw.url, stream=True).status_code == 200
+            assert _chat(client, gw_url, stream=True).status_code == 200
         assert slow.requests == served  # avoided while the fast one serves
-        metrics = client.get(f"{gw.url}/metrics").text
-    assert f'switchyard_engine_slow{{endpoint="{slow_srv.url[7:]}"}} 1.0' in metrics
-    assert f'switchyard_engine_slow{{endpoint="{fast_srv.url[7:]}"}} 0.0' in metrics
+        metrics = client.get(f"{gw_url}/metrics").text
+    assert f'switchyard_engine_slow{{endpoint="{slow_url[7:]}"}} 1.0' in metrics
+    assert f'switchyard_engine_slow{{endpoint="{fast_url[7:]}"}} 0.0' in metrics
