@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from benchmarks.ports import free_ports
 from tests.processes import die_with_parent, reap
@@ -94,7 +94,28 @@ def _spawn(argv: list[str]) -> subprocess.Popen[Any]:
     )
 
 
-class RedisSentinel:
+class _Processes:
+    """``with`` for a set of processes: ``start()`` (stopped again if it fails half-way),
+    ``stop()`` on the way out."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisSentinel(_Processes):
     """``with RedisSentinel(password="pw") as s: s.url``; ``stop_master()`` /
     ``start_master()`` for an outage of the master (the sentinel keeps running). With
     ``replica=True`` a replica follows the master, so the sentinel can fail over to it."""
@@ -169,18 +190,8 @@ class RedisSentinel:
         self.sentinel = self.master = self.replica = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> RedisSentinel:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class RedisCluster:
+class RedisCluster(_Processes):
     """``with RedisCluster() as c: c.url``; ``stop_node(i)`` / ``start_node(i)`` (same port,
     same ``nodes.conf``) and ``wait_ok()`` for an outage of one shard."""
 
@@ -266,13 +277,3 @@ class RedisCluster:
         for i in range(len(self.procs)):
             self.stop_node(i)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisCluster:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
