@@ -17,8 +17,8 @@ import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,22 +33,14 @@ from gateway.ratelimit import RateLimiter
 from gateway.ratelimit_rules import LimitRule, Verdict
 from gateway.redislink import RedisLink, cluster_prefix, redact_url
 from gateway.redisurl import RedisTarget, parse_redis_url
-from gateway.services import Services
-from gateway.settings import (
-    EngineConfig,
-    LimitSettings,
-    RedisSettings,
-    RoutingSettings,
-    Settings,
-)
-from gateway.sharedstate import SharedRoutingState
+from gateway.settings import LimitSettings, RedisSettings, Settings
+from tests.gateway.sharedhelpers import build_replicas, shared_state, sync_by_hand
 from tests.redis_server import RedisServer
 from tests.redis_topologies import RedisCluster, RedisSentinel
 
 PASSWORD = "s3cret-pw"  # the sentinel-managed master's requirepass
 RECOVER_S = 30.0  # bound of waiting for a restarted server to serve the link again
 POLL_S = 0.05
-ENGINES = ("http://127.0.0.1:9/a", "http://127.0.0.1:9/b")  # never called: state only
 
 
 # -- URL parsing -------------------------------------------------------------------------------
@@ -295,53 +287,22 @@ async def test_a_key_created_on_one_store_is_accepted_by_another(deployment: Dep
             await link.aclose()
 
 
-def _replica_settings(url: str, prefix: str) -> Settings:
-    engines = tuple(EngineConfig(url=u, id=f"e{i}", models=("m",)) for i, u in enumerate(ENGINES))
-    return Settings(
-        engines=engines,
-        routing=RoutingSettings(policy="prefix-cache"),
-        redis_url=url,
-        redis=RedisSettings(timeout_s=0.5, retry_s=0.05, key_prefix=prefix),
-    )
-
-
-@asynccontextmanager
-async def _replicas(url: str, prefix: str) -> AsyncIterator[list[Services]]:
-    """Two replicas (as tests/gateway/test_sharedstate.py builds them), synced by hand."""
-    async with AsyncExitStack() as stack:
-        out = []
-        for _ in range(2):
-            services = Services.build(_replica_settings(url, prefix))
-            stack.push_async_callback(services.aclose)
-            for state in services.endpoints:
-                state.record_probe(True, fail_threshold=1, success_threshold=1)
-            out.append(services)
-        yield out
-
-
-def _shared(services: Services) -> SharedRoutingState:
-    assert services.shared is not None
-    return services.shared
-
-
 @pytest.mark.anyio
 async def test_two_replicas_share_routing_state(deployment: Deployment) -> None:
-    async with _replicas(deployment.url, "rs:") as (a, b):
-        for services in (a, b, a):
-            assert await _shared(services).sync_once()
-        assert _shared(a).replicas() == 2 == _shared(b).replicas()
+    async with build_replicas(deployment.url, key_prefix="rs:") as (a, b):
+        await sync_by_hand(a, b, a)
+        assert shared_state(a).replicas() == 2 == shared_state(b).replicas()
         engine_a, engine_b = a.endpoints.get("e0"), b.endpoints.get("e0")
         assert engine_a is not None and engine_b is not None
         lease = engine_a.lease(prompt_tokens=300, max_tokens=20)  # in flight on A ...
-        for services in (a, b):
-            assert await _shared(services).sync_once()
+        await sync_by_hand(a, b)
         assert engine_b.snapshot().in_flight == 1  # ... counts in B's snapshot
         lease.release()
         assert a.redis is not None and a.redis.errors == {}
         await _check_one_slot(deployment, a.redis)
-        await _shared(b).leave()
-        assert await _shared(a).sync_once()
-        assert _shared(a).replicas() == 1
+        await shared_state(b).leave()
+        assert await shared_state(a).sync_once()
+        assert shared_state(a).replicas() == 1
 
 
 # -- the breaker on each deployment ------------------------------------------------------------

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import re
 from array import array
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -21,28 +20,16 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway import sharedstate
+from gateway import sharedstate, sharedwire
 from gateway.endpoints import EndpointState
 from gateway.parsing import Kind, parse_request
 from gateway.services import Services
-from gateway.settings import EngineConfig, Settings
 from gateway.sharedstate import SharedRoutingState
-from gateway.sharedwire import (
-    Batch,
-    pack_batch,
-    pack_loads,
-    pack_prefixes,
-    parse_reply,
-    sum_loads,
-    unpack_batch,
-    unpack_loads,
-)
 from tests.gateway.conftest import StartEngines, StartGateway
 from tests.gateway.servers import wait_until
+from tests.gateway.sharedhelpers import MODEL, build_replicas, shared_state, sync_by_hand
 from tests.redis_server import RedisServer
 
-ENGINES = ("http://127.0.0.1:9/a", "http://127.0.0.1:9/b")  # never called: state only
-MODEL = "fake-model"
 POLL_S = 10.0  # bound of every wait for a background sync (polled, never timed)
 
 
@@ -73,28 +60,28 @@ def test_prefix_records_are_packed_deduplicated_and_capped(
     unpacked: list[tuple[str, list[int]]],
     taken: int,
 ) -> None:
-    packed, n = pack_prefixes(records, max_hashes=max_hashes, max_bytes=max_bytes)
+    packed, n = sharedwire.pack_prefixes(records, max_hashes=max_hashes, max_bytes=max_bytes)
     assert n == taken
     assert packed == _packed(unpacked)
-    assert unpack_batch(pack_batch(packed, {})).prefixes == tuple(unpacked)
+    assert sharedwire.unpack_batch(sharedwire.pack_batch(packed, {})).prefixes == tuple(unpacked)
 
 
 @pytest.mark.parametrize(
     ("prefixes", "charges", "batch"),
     [
-        ([], {}, Batch()),
+        ([], {}, sharedwire.Batch()),
         ([("e0", [1, 2])], {"alice": 120.0, "bob": 3.5},
-         Batch((("e0", [1, 2]),), {"alice": 120.0, "bob": 3.5})),
-        ([], {"alice": 1.0}, Batch(charges={"alice": 1.0})),
-        ([("e1", [7])], {}, Batch((("e1", [7]),))),
+         sharedwire.Batch((("e0", [1, 2]),), {"alice": 120.0, "bob": 3.5})),
+        ([], {"alice": 1.0}, sharedwire.Batch(charges={"alice": 1.0})),
+        ([("e1", [7])], {}, sharedwire.Batch((("e1", [7]),))),
     ],
 )  # fmt: skip
 def test_batch_round_trip(
-    prefixes: list[tuple[str, list[int]]], charges: dict[str, float], batch: Batch
+    prefixes: list[tuple[str, list[int]]], charges: dict[str, float], batch: sharedwire.Batch
 ) -> None:
-    blob = pack_batch(_packed(prefixes), charges)
-    assert (blob == b"") == (batch == Batch())
-    assert unpack_batch(blob) == batch
+    blob = sharedwire.pack_batch(_packed(prefixes), charges)
+    assert (blob == b"") == (batch == sharedwire.Batch())
+    assert sharedwire.unpack_batch(blob) == batch
 
 
 @pytest.mark.parametrize(
@@ -113,9 +100,9 @@ def test_batch_round_trip(
 )
 def test_bad_batches_are_refused(doc: Any) -> None:
     with pytest.raises(ValueError):
-        unpack_batch(msgpack.packb(doc))
+        sharedwire.unpack_batch(msgpack.packb(doc))
     with pytest.raises(ValueError):
-        unpack_batch(b"\xc1")  # never valid msgpack
+        sharedwire.unpack_batch(b"\xc1")  # never valid msgpack
 
 
 @pytest.mark.parametrize(
@@ -129,7 +116,7 @@ def test_bad_batches_are_refused(doc: Any) -> None:
 def test_loads_round_trip(
     loads: dict[str, tuple[int, int, int]], unpacked: dict[str, tuple[int, int, int]]
 ) -> None:
-    assert unpack_loads(pack_loads(loads)) == unpacked
+    assert sharedwire.unpack_loads(sharedwire.pack_loads(loads)) == unpacked
 
 
 @pytest.mark.parametrize(
@@ -143,7 +130,7 @@ def test_loads_round_trip(
 )
 def test_bad_loads_are_refused(blob: bytes) -> None:
     with pytest.raises(ValueError):
-        unpack_loads(blob)
+        sharedwire.unpack_loads(blob)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +145,7 @@ def test_bad_loads_are_refused(blob: bytes) -> None:
 def test_sum_loads(
     replicas: list[dict[str, tuple[int, int, int]]], total: dict[str, tuple[int, int, int]]
 ) -> None:
-    assert sum_loads(replicas) == total
+    assert sharedwire.sum_loads(replicas) == total
 
 
 @pytest.mark.parametrize(
@@ -173,7 +160,7 @@ def test_sum_loads(
 def test_parse_reply(
     raw: Any, replicas: int, last: str, loads: dict[str, bytes], entries: list[Any]
 ) -> None:
-    reply = parse_reply(raw, replica_id="me")
+    reply = sharedwire.parse_reply(raw, replica_id="me")
     assert (reply.replicas, reply.last_id, reply.loads, reply.entries) == (
         replicas, last, loads, entries,
     )  # fmt: skip
@@ -185,45 +172,10 @@ def test_parse_reply(
 )
 def test_malformed_replies_are_refused(raw: Any) -> None:
     with pytest.raises(ValueError):
-        parse_reply(raw, replica_id="me")
+        sharedwire.parse_reply(raw, replica_id="me")
 
 
 # -- two replicas on one Redis, synced by hand ----------------------------------------------
-def _settings(redis_url: str) -> Settings:
-    config: dict[str, Any] = {
-        "engines": [
-            EngineConfig(url=u, id=f"e{i}", models=(MODEL,)) for i, u in enumerate(ENGINES)
-        ],
-        "routing": {"policy": "prefix-cache"},
-        "redis_url": redis_url,
-        "redis": {"timeout_s": 0.5, "retry_s": 0.05},
-    }
-    return Settings(**config)
-
-
-@asynccontextmanager
-async def _replicas(url: str, n: int = 2) -> AsyncIterator[list[Services]]:
-    async with AsyncExitStack() as stack:
-        out = []
-        for _ in range(n):
-            services = Services.build(_settings(url))
-            stack.push_async_callback(services.aclose)
-            for state in services.endpoints:
-                state.record_probe(True, fail_threshold=1, success_threshold=1)
-            out.append(services)
-        yield out
-
-
-def _shared(services: Services) -> SharedRoutingState:
-    assert services.shared is not None
-    return services.shared
-
-
-async def _sync(*replicas: Services) -> None:
-    for services in replicas:
-        assert await _shared(services).sync_once()
-
-
 def _engine(services: Services, eid: str = "e0") -> EndpointState:
     state = services.endpoints.get(eid)
     assert state is not None
@@ -234,18 +186,18 @@ def _engine(services: Services, eid: str = "e0") -> EndpointState:
 async def test_in_flight_on_one_replica_counts_in_the_others_snapshots(
     redis_server: RedisServer,
 ) -> None:
-    async with _replicas(redis_server.url) as (a, b):
+    async with build_replicas(redis_server.url) as (a, b):
         lease = _engine(a).lease(prompt_tokens=300, max_tokens=20)
-        await _sync(a, b)
+        await sync_by_hand(a, b)
         snap = _engine(b).snapshot()
         assert (snap.in_flight, snap.in_flight_tokens, snap.prefill_tokens) == (1, 320, 300)
         assert _engine(b).engine.local_load() == (0, 0, 0)  # B never publishes A's load
         assert _engine(b, "e1").snapshot().in_flight == 0
         lease.first_token(ttft_s=0.01)
-        await _sync(a, b)
+        await sync_by_hand(a, b)
         assert _engine(b).snapshot().prefill_tokens == 0
         lease.release()
-        await _sync(a, b)
+        await sync_by_hand(a, b)
         assert _engine(b).snapshot().in_flight == 0
         assert _engine(a).snapshot().in_flight == 0  # B had nothing to add to A
 
@@ -254,8 +206,8 @@ async def test_in_flight_on_one_replica_counts_in_the_others_snapshots(
 async def test_prefix_committed_on_one_replica_is_matched_by_the_other(
     redis_server: RedisServer,
 ) -> None:
-    async with _replicas(redis_server.url) as (a, b):
-        await _sync(a, b)  # both past the (empty) stream's start
+    async with build_replicas(redis_server.url) as (a, b):
+        await sync_by_hand(a, b)  # both past the (empty) stream's start
         body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 2000}]})
         fields = parse_request(body, Kind.CHAT)
         policy = a.router.policy(None)
@@ -264,10 +216,10 @@ async def test_prefix_committed_on_one_replica_is_matched_by_the_other(
         routed.committed(chosen, 200)
         hashes = routed.blocks.hashes
         assert len(hashes) > 10 and b.router.index.match(hashes) == {}
-        await _sync(a, b)
+        await sync_by_hand(a, b)
         assert b.router.index.match(hashes) == {chosen: len(hashes)}
         assert not a.router.outbox  # published once
-        await _sync(a, b)
+        await sync_by_hand(a, b)
         assert a.router.index.match(hashes) == {chosen: len(hashes)}  # no echo of its own
         # B now routes the same prompt to the engine A chose
         again = await b.router.route(Kind.CHAT, fields, model=MODEL, adapter=None, policy=policy)
@@ -277,7 +229,7 @@ async def test_prefix_committed_on_one_replica_is_matched_by_the_other(
 
 @pytest.mark.anyio
 async def test_replicas_start_their_request_sequences_apart(redis_server: RedisServer) -> None:
-    async with _replicas(redis_server.url) as (a, b):
+    async with build_replicas(redis_server.url) as (a, b):
         first_a, first_b = a.endpoints.next_seq(), b.endpoints.next_seq()
         assert first_a != first_b  # seq-derived tie-breaks differ (equal: 1 in 2**32)
         assert a.endpoints.next_seq() == first_a + 1
@@ -287,28 +239,28 @@ async def test_replicas_start_their_request_sequences_apart(redis_server: RedisS
 
 @pytest.mark.anyio
 async def test_a_new_replica_reads_the_recent_records(redis_server: RedisServer) -> None:
-    async with _replicas(redis_server.url, n=3) as (a, b, late):
+    async with build_replicas(redis_server.url, n=3) as (a, b, late):
         a.router.outbox.append(("e1", (11, 12, 13)))  # type: ignore[union-attr]
-        await _sync(a)
-        await _sync(late)  # first sync: the newest entries, not only what comes next
+        await sync_by_hand(a)
+        await sync_by_hand(late)  # first sync: the newest entries, not only what comes next
         assert late.router.index.match((11, 12, 13)) == {"e1": 3}
         b.router.outbox.append(("nope", (21, 22)))  # type: ignore[union-attr]
-        await _sync(b, a)  # an engine A does not know: ignored
+        await sync_by_hand(b, a)  # an engine A does not know: ignored
         assert a.router.index.match((21, 22)) == {}
 
 
 @pytest.mark.anyio
 async def test_vtc_service_merges_across_replicas(redis_server: RedisServer) -> None:
-    async with _replicas(redis_server.url) as (a, b):
-        await _sync(a, b)
+    async with build_replicas(redis_server.url) as (a, b):
+        await sync_by_hand(a, b)
         a.router.vtc.charge("alice", input_tokens=100, output_tokens=10)
         b.router.vtc.charge("alice", input_tokens=50)
         b.router.vtc.charge("bob", input_tokens=7)
-        await _sync(a, b, a)
+        await sync_by_hand(a, b, a)
         for services in (a, b):
             assert services.router.vtc.counter("alice") == 170.0
             assert services.router.vtc.counter("bob") == 7.0
-        await _sync(a, b)  # nothing is counted twice
+        await sync_by_hand(a, b)  # nothing is counted twice
         assert a.router.vtc.counter("alice") == b.router.vtc.counter("alice") == 170.0
 
 
@@ -316,20 +268,20 @@ async def test_vtc_service_merges_across_replicas(redis_server: RedisServer) -> 
 async def test_replicas_count_live_ones_and_a_stopped_one_leaves(
     redis_server: RedisServer,
 ) -> None:
-    async with _replicas(redis_server.url, n=3) as (a, b, c):
-        assert _shared(a).replicas() == 1  # limits.replicas before any sync
-        await _sync(a, b, c, a)
-        assert _shared(a).replicas() == 3 == _shared(c).replicas()
-        await _shared(c).leave()  # a clean stop deregisters at once
-        await _sync(a)
-        assert _shared(a).replicas() == 2
+    async with build_replicas(redis_server.url, n=3) as (a, b, c):
+        assert shared_state(a).replicas() == 1  # limits.replicas before any sync
+        await sync_by_hand(a, b, c, a)
+        assert shared_state(a).replicas() == 3 == shared_state(c).replicas()
+        await shared_state(c).leave()  # a clean stop deregisters at once
+        await sync_by_hand(a)
+        assert shared_state(a).replicas() == 2
         lease = _engine(b).lease(prompt_tokens=10)
-        await _sync(b, a)
+        await sync_by_hand(b, a)
         assert _engine(a).snapshot().in_flight == 1
         # b dies without leaving: dropped after the liveness, and its load with it
         with anyio.fail_after(POLL_S):
-            while _shared(a).replicas() != 1:
-                await _sync(a)
+            while shared_state(a).replicas() != 1:
+                await sync_by_hand(a)
                 await anyio.sleep(0.05)
         assert _engine(a).snapshot().in_flight == 0
         lease.release()
@@ -337,12 +289,12 @@ async def test_replicas_count_live_ones_and_a_stopped_one_leaves(
 
 @pytest.mark.anyio
 async def test_redis_down_serves_on_local_state_then_resumes(redis_server: RedisServer) -> None:
-    async with _replicas(redis_server.url) as (a, b):
+    async with build_replicas(redis_server.url) as (a, b):
         lease = _engine(b).lease(prompt_tokens=10)
-        await _sync(a, b, a)
-        assert _engine(a).snapshot().in_flight == 1 and _shared(a).replicas() == 2
+        await sync_by_hand(a, b, a)
+        assert _engine(a).snapshot().in_flight == 1 and shared_state(a).replicas() == 2
         redis_server.stop()
-        shared = _shared(a)
+        shared = shared_state(a)
         assert not await shared.sync_once()  # no exception: the link opens its breaker
         assert not a.redis.up  # type: ignore[union-attr]
         assert _engine(a).snapshot().in_flight == 1  # kept for up to the liveness...
@@ -358,7 +310,7 @@ async def test_redis_down_serves_on_local_state_then_resumes(redis_server: Redis
             if await a.redis.probe():  # type: ignore[union-attr]
                 break
             await anyio.sleep(0.05)
-        await _sync(a, b, a)  # a fresh server: the script is loaded again
+        await sync_by_hand(a, b, a)  # a fresh server: the script is loaded again
         assert _engine(a).snapshot().in_flight == 1
         assert b.router.index.match((31, 32)) == {"e1": 2}
         assert b.router.vtc.counter("carol") == 5.0
@@ -371,7 +323,7 @@ async def test_stale_counts_are_cleared_after_the_liveness_by_the_clock(
     redis_server: RedisServer,
 ) -> None:
     now = [100.0]
-    async with _replicas(redis_server.url) as (a, b):
+    async with build_replicas(redis_server.url) as (a, b):
         shared = SharedRoutingState(
             a.redis,  # type: ignore[arg-type]
             endpoints=a.endpoints,
@@ -383,7 +335,7 @@ async def test_stale_counts_are_cleared_after_the_liveness_by_the_clock(
         )
         assert shared.liveness_s == 1.0  # max(1 s, 5 x 0.05 s)
         lease = _engine(b).lease(prompt_tokens=10)
-        await _sync(b)
+        await sync_by_hand(b)
         assert await shared.sync_once()
         assert _engine(a).snapshot().in_flight == 1
         redis_server.stop()
@@ -400,12 +352,12 @@ async def test_shared_keys_are_bounded(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sharedstate, "STREAM_MAXLEN", 10)
-    async with _replicas(redis_server.url) as (a, b):
+    async with build_replicas(redis_server.url) as (a, b):
         lease = _engine(a).lease(prompt_tokens=1)  # a load to publish
         for i in range(400):
             a.router.outbox.append(("e0", (i + 1, i + 2)))  # type: ignore[union-attr]
-            await _sync(a)
-        await _sync(b)
+            await sync_by_hand(a)
+        await sync_by_hand(b)
         client = aioredis.Redis.from_url(redis_server.url)
         try:
             keys = sorted(k.decode() for k in await client.keys("*"))
@@ -416,7 +368,7 @@ async def test_shared_keys_are_bounded(
                 assert 0 < await client.pttl(key) <= sharedstate.STREAM_TTL_S * 1000
             assert await client.hlen("switchyard:rs:load") == 1  # A's; B is idle
             lease.release()
-            await _sync(a)
+            await sync_by_hand(a)
             assert not await client.exists("switchyard:rs:load")  # nobody busy: no hash
         finally:
             await client.aclose()
@@ -428,8 +380,8 @@ async def test_shared_keys_are_bounded(
 async def test_garbage_in_redis_is_skipped_not_fatal(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with _replicas(redis_server.url) as (a, b):
-        await _sync(a, b)
+    async with build_replicas(redis_server.url) as (a, b):
+        await sync_by_hand(a, b)
         client = aioredis.Redis.from_url(redis_server.url)
         try:
             await client.zadd("switchyard:rs:replicas", {"rogue": 1e15})  # far future: live
@@ -438,10 +390,10 @@ async def test_garbage_in_redis_is_skipped_not_fatal(
         finally:
             await client.aclose()
         b.router.outbox.append(("e0", (41, 42)))  # type: ignore[union-attr]
-        await _sync(b, a)  # the rogue entries are skipped, the good ones applied
+        await sync_by_hand(b, a)  # the rogue entries are skipped, the good ones applied
         assert a.router.index.match((41, 42)) == {"e0": 2}
-        assert _shared(a).replicas() == 3
-        shared = _shared(a)
+        assert shared_state(a).replicas() == 3
+        shared = shared_state(a)
 
         async def nonsense(client: Any, args: list[Any]) -> Any:
             return [1, 2]
