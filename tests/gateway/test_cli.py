@@ -20,6 +20,16 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 SWITCHYARD = str(Path(sys.executable).parent / "switchyard")
 
 
+def serve_workers(config: Path, workers: int) -> subprocess.Popen[str]:
+    """``switchyard serve --workers N`` on a free port; its output on a pipe (see _read_url)."""
+    return subprocess.Popen(
+        [SWITCHYARD, "serve", "--config", str(config), "--port", "0", "--workers", str(workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _read_url(proc: subprocess.Popen[str]) -> str:
     assert proc.stdout is not None
     for _ in range(50):  # bounded: the banner is the first line
@@ -103,12 +113,7 @@ def test_serve_workers_share_the_port_restart_and_stop(
     config.write_text(
         f"log_level: INFO\nserver: {{access_log: false}}\nengines:\n  - url: {srv.url}\n"
     )
-    proc = subprocess.Popen(
-        [SWITCHYARD, "serve", "--config", str(config), "--port", "0", "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve_workers(config, 2)
     try:
         url = _read_url(proc)
         pids = _worker_pids(proc, 2)

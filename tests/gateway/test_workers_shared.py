@@ -4,14 +4,13 @@ either worker)."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import httpx
 
 from tests.gateway.conftest import StartEngines
 from tests.gateway.servers import wait_until
-from tests.gateway.test_cli import CHAT, SWITCHYARD, _read_url
+from tests.gateway.test_cli import CHAT, _read_url, serve_workers
 from tests.processes import reap
 from tests.redis_server import RedisServer
 
@@ -27,12 +26,7 @@ def test_two_workers_are_two_replicas_sharing_one_limit(
         f"log_level: WARNING\nserver: {{access_log: false}}\nredis_url: {redis_server.url}\n"
         f"api_keys:\n  - {{key: {KEY}, rpm: 10}}\nengines:\n  - url: {srv.url}\n"
     )
-    proc = subprocess.Popen(
-        [SWITCHYARD, "serve", "--config", str(config), "--port", "0", "--workers", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = serve_workers(config, 2)
     try:
         url = _read_url(proc)
 
