@@ -4,6 +4,7 @@
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)  # Cluster creation in tests
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 echo "installing ${need[*]} (apt)"
 SUDO=""
