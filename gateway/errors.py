@@ -180,24 +180,24 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
-class NoHealthyEndpoint(UpstreamError):
+class _Unavailable503(GatewayError):
+    """503 ``service_unavailable_error`` with ``retry-after`` of one second (a mixin)."""
+
     status = 503
     type = "service_unavailable_error"
+
+    def headers(self) -> dict[str, str]:
+        return retry_after_headers(1.0)
+
+
+class NoHealthyEndpoint(_Unavailable503, UpstreamError):
     code = "no_healthy_endpoint"
 
-    def headers(self) -> dict[str, str]:
-        return retry_after_headers(1.0)
 
-
-class KeyStoreUnavailable(GatewayError):
+class KeyStoreUnavailable(_Unavailable503):
     """503: the shared key store (Redis) cannot take an admin change right now."""
 
-    status = 503
-    type = "service_unavailable_error"
     code = "key_store_unavailable"
-
-    def headers(self) -> dict[str, str]:
-        return retry_after_headers(1.0)
 
 
 def envelope(
