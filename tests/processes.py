@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import subprocess
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, Self
 
 
 def reap(proc: subprocess.Popen[Any]) -> None:
@@ -24,3 +25,24 @@ def die_with_parent() -> None:
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Processes(ABC):
+    """``with`` for test servers made of processes: ``start()`` (stopped again if it fails
+    half-way) on the way in, ``stop()`` on the way out."""
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    @abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -14,10 +14,10 @@ import time
 from typing import Any
 
 from benchmarks.ports import free_port
-from tests.processes import die_with_parent, reap
+from tests.processes import Processes, die_with_parent, reap
 
 
-class RedisServer:
+class RedisServer(Processes):
     """``with RedisServer() as r: r.url``; ``r.stop()`` / ``r.start()`` for outages."""
 
     def __init__(self, port: int | None = None) -> None:
@@ -55,9 +55,3 @@ class RedisServer:
         if self.proc is not None:
             reap(self.proc)
             self.proc = None
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -23,10 +23,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from benchmarks.ports import free_ports
-from tests.processes import die_with_parent, reap
+from tests.processes import Processes, die_with_parent, reap
 
 HOST = "127.0.0.1"
 START_S = 10.0  # bound of a process's start
@@ -94,28 +94,7 @@ def _spawn(argv: list[str]) -> subprocess.Popen[Any]:
     )
 
 
-class _Processes:
-    """``with`` for a set of processes: ``start()`` (stopped again if it fails half-way),
-    ``stop()`` on the way out."""
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class RedisSentinel(_Processes):
+class RedisSentinel(Processes):
     """``with RedisSentinel(password="pw") as s: s.url``; ``stop_master()`` /
     ``start_master()`` for an outage of the master (the sentinel keeps running). With
     ``replica=True`` a replica follows the master, so the sentinel can fail over to it."""
@@ -191,7 +170,7 @@ class RedisSentinel(_Processes):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class RedisCluster(_Processes):
+class RedisCluster(Processes):
     """``with RedisCluster() as c: c.url``; ``stop_node(i)`` / ``start_node(i)`` (same port,
     same ``nodes.conf``) and ``wait_ok()`` for an outage of one shard."""
 
