@@ -57,6 +57,10 @@ class ModelCard:
     parent: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
 
+    def target(self) -> tuple[str, str | None]:
+        """``(base model, adapter or None)``: an adapter routes as itself on its parent."""
+        return (self.parent, self.id) if self.parent else (self.id, None)
+
 
 class Pool:
     """What a registry shares with its engines: the outlier pool, the count of leases alive

@@ -11,7 +11,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from gateway.endpoints import ModelCard
 from gateway.errors import ModelNotFound
 from gateway.principal import Principal
 from gateway.responses import JSONBytes
@@ -31,13 +30,6 @@ def principal_of(request: Request, services: Services) -> Principal:
     return services.keys.authenticate(request.headers.get("authorization"))
 
 
-def _visible(principal: Principal, model_id: str, card: ModelCard) -> bool:
-    """May ``principal`` see this catalog entry? An entry with ``parent`` is an adapter."""
-    if card.parent:
-        return principal.allows(card.parent, model_id)
-    return principal.allows(model_id, None)
-
-
 def _card_json(card_id: str, raw: dict[str, Any]) -> dict[str, Any]:
     if raw:
         return raw
@@ -51,7 +43,7 @@ async def list_models(request: Request) -> JSONBytes:
     data = [
         _card_json(model_id, dict(entry.card.raw))
         for model_id, entry in sorted(services.endpoints.catalog().items())
-        if entry.healthy and _visible(principal, model_id, entry.card)
+        if entry.healthy and principal.allows(*entry.card.target())
     ]
     return JSONBytes({"object": "list", "data": data})
 
@@ -61,6 +53,6 @@ async def get_model(request: Request, model_id: str) -> JSONBytes:
     services = services_of(request)
     principal = principal_of(request, services)
     entry = services.endpoints.catalog().get(model_id)
-    if entry is None or not entry.healthy or not _visible(principal, model_id, entry.card):
+    if entry is None or not entry.healthy or not principal.allows(*entry.card.target()):
         raise ModelNotFound(model_id)
     return JSONBytes(_card_json(model_id, dict(entry.card.raw)))

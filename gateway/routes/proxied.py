@@ -153,7 +153,7 @@ def _resolve_model(
     endpoints = services.endpoints
     entry = endpoints.catalog().get(model)
     if entry is not None:
-        base, adapter = (entry.card.parent, model) if entry.card.parent else (model, None)
+        base, adapter = entry.card.target()
         if not principal.allows(base, adapter):
             raise ModelNotFound(model)
         return base, adapter, True
