@@ -45,6 +45,9 @@ class RequestFields:
     """The prompt field as parsed (messages, prompt or input), for prefix hashing."""
     include_usage: bool = False
     """The client asked for the final usage chunk (``stream_options.include_usage``)."""
+    document: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The whole parsed body (what a rewrite of it starts from; the original bytes are what
+    is forwarded otherwise)."""
 
     @property
     def prompt_tokens_estimate(self) -> int:
@@ -119,4 +122,5 @@ def parse_request(body: bytes, kind: Kind) -> RequestFields:
         user=user,
         prompt=prompt,
         include_usage=bool(stream_options and stream_options.get("include_usage") is True),
+        document=data,
     )

@@ -12,13 +12,16 @@ an event scan of each chunk); everyone else's bytes pass untouched.
 
 Example::
 
-    body = with_include_usage(b'{"model":"m","stream":true,"messages":[]}')
+    body = with_include_usage({"model": "m", "stream": True, "messages": []})
     strip = UsageChunkFilter()
     strip.feed(b'data: {"choices":[],"usage":{"total_tokens":3}}\\n\\ndata: [DONE]\\n\\n')
     # -> b'data: [DONE]\\n\\n'
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -31,13 +34,12 @@ _MAX_PENDING = 1 << 20
 """A partial event longer than this is passed on unfiltered (no unbounded buffering)."""
 
 
-def with_include_usage(body: bytes) -> bytes:
-    """``body`` (a valid JSON object, already parsed once by the route) with
-    ``stream_options.include_usage`` set to true, other stream options kept."""
-    data = orjson.loads(body)
-    options = data.get("stream_options") or {}
-    data["stream_options"] = {**options, "include_usage": True}
-    return orjson.dumps(data)
+def with_include_usage(document: Mapping[str, Any]) -> bytes:
+    """The request body, parsed once by the route (``RequestFields.document``), serialised
+    with ``stream_options.include_usage`` set to true, other stream options kept (the
+    document itself is not changed)."""
+    options = document.get("stream_options") or {}
+    return orjson.dumps({**document, "stream_options": {**options, "include_usage": True}})
 
 
 def is_usage_event(event: bytes) -> bool:

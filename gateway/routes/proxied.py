@@ -105,7 +105,7 @@ async def _plan(
     fields, headers, body = incoming.fields, incoming.headers, incoming.body
     strip_usage = quota.meters_tokens and fields.stream and not fields.include_usage
     if strip_usage:
-        body = with_include_usage(body)  # settle on the engine's usage; the proxy hides it
+        body = with_include_usage(fields.document)  # settle on the engine's usage; hidden
     routing = services.settings.routing
     policy = services.router.policy(_text(headers.get(ROUTING_HEADER.encode())))
     route = partial(

@@ -32,7 +32,9 @@ STREAM = CHUNK + CHUNK + USAGE + DONE
 def test_with_include_usage_sets_the_option_and_keeps_the_rest(
     body: dict[str, object], options: dict[str, object]
 ) -> None:
-    out = orjson.loads(with_include_usage(orjson.dumps(body)))
+    before = orjson.dumps(body)
+    out = orjson.loads(with_include_usage(body))
+    assert orjson.dumps(body) == before  # the parsed document is left as it was
     assert out["stream_options"] == options
     assert {k: v for k, v in out.items() if k != "stream_options"} == {
         k: v for k, v in body.items() if k != "stream_options"
