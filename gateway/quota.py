@@ -36,9 +36,6 @@ from gateway.settings import LimitSettings
 
 __all__ = ["UNLIMITED", "Quota", "Settlement", "admit", "used_tokens"]
 
-_RETRY_HEADERS = frozenset({"retry-after", "retry-after-ms", "x-should-retry"})
-
-
 def used_tokens(record: FinishedRequest) -> int:
     """What a finished request consumed (see the module docstring)."""
     usage = record.usage or {}
@@ -113,11 +110,9 @@ async def admit(
     verdict = await limiter.acquire(rules, tokens=reserve_tokens(fields, kind, settings))
     if not verdict.allowed:
         raise RateLimited(verdict.message, headers=verdict.headers)
-    headers = tuple(
-        (name.encode(), value.encode())
-        for name, value in verdict.headers.items()
-        if name not in _RETRY_HEADERS
-    )
+    # An admitted verdict carries only the x-ratelimit-* headers (retry-after and
+    # x-should-retry come with denials).
+    headers = tuple((name.encode(), value.encode()) for name, value in verdict.headers.items())
     meters = any(rule.kind == "tokens" for rule in rules)
     settlement = (
         Settlement(limiter, verdict.reservation) if verdict.reservation is not None else None
