@@ -36,6 +36,7 @@ from gateway.settings import LimitSettings
 
 __all__ = ["UNLIMITED", "Quota", "Settlement", "admit", "used_tokens"]
 
+
 def used_tokens(record: FinishedRequest) -> int:
     """What a finished request consumed (see the module docstring)."""
     usage = record.usage or {}
