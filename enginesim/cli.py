@@ -17,6 +17,7 @@ import anyio
 
 from enginesim.cluster import ClusterConfig, serve_cluster
 from enginesim.server.faults import Faults
+from enginesim.server.kvtier import DEFAULT_TIER_TTL_S
 
 __all__ = ["main", "run_sim"]
 
@@ -83,6 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--kv-events", action="store_true", help="publish KV events over ZMQ")
     p.add_argument("--kv-events-base-port", type=int, default=5557)
+    p.add_argument(
+        "--kv-tier",
+        default=None,
+        metavar="URL",
+        help="shared KV tier: redis://host:port/db of the block index (docs/kvtier.md)",
+    )
+    p.add_argument("--kv-tier-ttl-s", type=float, default=DEFAULT_TIER_TTL_S)
+    p.add_argument(
+        "--kv-tier-async",
+        action="store_true",
+        help="tier loads run beside the batch (the request waits) instead of inside its step",
+    )
     cold = p.add_mutually_exclusive_group()
     cold.add_argument("--cold-start-s", type=float, default=0.0, help="simulated cold start")
     cold.add_argument("--profile-cold-start", action="store_true", help="use the profile's")
@@ -133,6 +146,9 @@ def config_from_args(argv: Sequence[str] | None = None) -> ClusterConfig:
         faults=faults,
         tokenizer=args.tokenizer,
         log_level=args.log_level,
+        kv_tier=args.kv_tier,
+        kv_tier_ttl_s=args.kv_tier_ttl_s,
+        kv_tier_async=args.kv_tier_async,
     )
 
 

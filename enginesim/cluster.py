@@ -9,6 +9,12 @@ can run it inside its own task group::
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(partial(serve_cluster, ClusterConfig(engines=4), on_ready=print))
+
+:func:`start_engine` starts and stops one engine on its own (the emulated Kubernetes API runs
+one per pod): an async context manager yielding its :class:`RunningEngine`::
+
+    async with start_engine(ClusterConfig(base_port=0, cold_start_s=2.0), index=3) as eng:
+        print(eng.url, eng.runtime.is_ready())
 """
 
 from __future__ import annotations
@@ -16,28 +22,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import anyio
-import uvicorn
 import zmq
 from anyio.abc import TaskGroup
 
 from enginesim.core.api import KVEvent
 from enginesim.core.engine import EngineCore
 from enginesim.core.profile import EngineProfile, load_profile
+from enginesim.core.tokenizer import text_piece_ids
 from enginesim.server.app import create_engine_app
 from enginesim.server.codec import load_codec
 from enginesim.server.driver import EngineDriver
+from enginesim.server.embedded import EmbeddedServer, embedded_server
 from enginesim.server.faults import FaultInjector, Faults
 from enginesim.server.kv_events import KVEventPublisher
+from enginesim.server.kvtier import DEFAULT_TIER_TTL_S, TierClient
 from enginesim.server.listener import RefusableListener
 from enginesim.server.metrics import EngineMetrics
 from enginesim.server.runtime import EngineRuntime, EngineSpec, TextCodec
+from kvcache.blockstore import AsyncRedisBlockStore
 
-__all__ = ["ClusterConfig", "RunningEngine", "serve_cluster"]
+__all__ = ["ClusterConfig", "RunningEngine", "serve_cluster", "start_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,12 @@ class ClusterConfig:
     faults: Faults = field(default_factory=Faults)
     tokenizer: str | None = None
     log_level: str = "warning"
+    # Shared KV tier (docs/kvtier.md): Redis URL of the block index (None: no tier), the TTL
+    # of the keys engines write, and the store's per-call timeout.
+    kv_tier: str | None = None
+    kv_tier_ttl_s: float = DEFAULT_TIER_TTL_S
+    kv_tier_timeout_s: float = 1.0
+    kv_tier_async: bool = False  # loads beside the batch (vLLM's load_kv_async) vs inside it
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +92,6 @@ class RunningEngine:
     url: str
     kv_events_endpoint: str | None
     runtime: EngineRuntime
-
-
-class _EngineServer(uvicorn.Server):
-    """uvicorn without signal handling: the embedding application owns signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    def install_signal_handlers(self) -> None:  # older uvicorn releases
-        return None
 
 
 class _EventSink:
@@ -105,10 +109,17 @@ class _EventSink:
 class _Engine:
     index: int
     runtime: EngineRuntime
-    server: _EngineServer
+    server: EmbeddedServer
     listener: RefusableListener
     sink: _EventSink
     kv_port: int | None
+    stores: tuple[AsyncRedisBlockStore, ...] = ()
+
+    def start(self, tg: TaskGroup) -> None:
+        """The engine's background tasks: its driver loop and, with a tier, the writer."""
+        tg.start_soon(self.runtime.driver.run)
+        if self.runtime.tier is not None:
+            tg.start_soon(self.runtime.tier.run)
 
 
 def _spec(
@@ -137,12 +148,37 @@ def _build(
     cfg: ClusterConfig, profile: EngineProfile, index: int, tg: TaskGroup, codecs: CodecFactory
 ) -> _Engine:
     codec = codecs(profile)
-    core = EngineCore(profile, seed=cfg.seed + index)
     spec = _spec(cfg, profile, index, codec.eos_token_ids)
+    tier = None
+    stores: tuple[AsyncRedisBlockStore, ...] = ()
+    if cfg.kv_tier:
+        # Lookups and the background writer each get a store (pool, breaker, error counters).
+        lookups, writes = (
+            AsyncRedisBlockStore.from_url(cfg.kv_tier, timeout_s=cfg.kv_tier_timeout_s)
+            for _ in range(2)
+        )
+        stores = (lookups, writes)
+        tier = TierClient(
+            lookups,
+            writes,
+            model=spec.served_model_name,
+            block_size=profile.block_size,
+            block_bytes=max(1, round(profile.block_size * profile.kv_bytes_per_token)),
+            ttl_s=cfg.kv_tier_ttl_s,
+        )
+    core = EngineCore(
+        profile,
+        seed=cfg.seed + index,
+        text_token_ids=text_piece_ids(codec),
+        hash_model=spec.served_model_name if tier is not None else None,
+        kv_tier=tier is not None,
+        kv_tier_async=cfg.kv_tier_async,
+    )
     metrics = EngineMetrics(
         model_name=spec.served_model_name,
         max_model_len=spec.max_model_len,
         stats_fn=core.stats,
+        tier_stats_fn=tier.stats if tier is not None else None,
         gpu_memory_utilization=profile.gpu_memory_utilization,
     )
     faults = FaultInjector(cfg.faults, seed=cfg.seed * 1_000_003 + index)
@@ -153,31 +189,28 @@ def _build(
         metrics=metrics,
         slowdown=lambda: faults.faults.slowdown,
         on_events=sink,
+        on_tier_writes=tier.offer if tier is not None else None,
     )
-    rt = EngineRuntime(spec=spec, codec=codec, driver=driver, metrics=metrics, faults=faults)
+    rt = EngineRuntime(
+        spec=spec, codec=codec, driver=driver, metrics=metrics, faults=faults, tier=tier
+    )
     port = cfg.base_port + index if cfg.base_port else 0
-    config = uvicorn.Config(
+    server = embedded_server(
         create_engine_app(rt),
         host=cfg.host,
         port=port,
         log_level=cfg.log_level,
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=1,
-        timeout_keep_alive=30,
         limit_concurrency=MAX_CONNECTIONS,
     )
-    server = _EngineServer(config)
     listener = RefusableListener(server, faults, tg)
     rt.listener = listener
     kv_port = None
     if cfg.kv_events:
         kv_port = cfg.kv_events_base_port + index if cfg.kv_events_base_port else 0
-    return _Engine(index, rt, server, listener, sink, kv_port)
+    return _Engine(index, rt, server, listener, sink, kv_port, stores)
 
 
-async def _serve(server: _EngineServer) -> None:
+async def _serve(server: EmbeddedServer) -> None:
     try:
         await server.serve()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
@@ -192,7 +225,7 @@ async def _wait_started(
     cfg: ClusterConfig,
     engines: list[_Engine],
     tasks: list[asyncio.Task[None]],
-    zmq_ctx: zmq.Context[zmq.Socket[bytes]],
+    zmq_ctx: zmq.Context[zmq.Socket[bytes]] | None,
 ) -> list[RunningEngine]:
     with anyio.fail_after(START_TIMEOUT_S):
         while not all(e.server.started for e in engines):
@@ -206,7 +239,7 @@ async def _wait_started(
     for e in engines:
         port = e.listener.bind()
         endpoint = None
-        if e.kv_port is not None:
+        if e.kv_port is not None and zmq_ctx is not None:
             kv_target = f"tcp://{host}:{e.kv_port}" if e.kv_port else f"tcp://{host}:*"
             topic = f"kv@{host}:{port}@{e.runtime.spec.served_model_name}"
             pub = KVEventPublisher(zmq_ctx, kv_target, topic=topic)
@@ -233,6 +266,10 @@ async def _stop(engines: list[_Engine], tasks: list[asyncio.Task[None]]) -> None
         if e.runtime.kv_publisher is not None:
             e.runtime.kv_publisher.close()
             e.runtime.kv_publisher = None
+        for store in e.stores:
+            with anyio.move_on_after(STOP_TIMEOUT_S):
+                await store.aclose()
+        e.stores = ()
 
 
 async def serve_cluster(
@@ -254,7 +291,7 @@ async def serve_cluster(
         codecs = codec_factory or partial(load_codec, tokenizer=cfg.tokenizer)
         engines = [_build(cfg, profile, i, tg, codecs) for i in range(cfg.engines)]
         for e in engines:
-            tg.start_soon(e.runtime.driver.run)
+            e.start(tg)
         tasks = [asyncio.create_task(_serve(e.server)) for e in engines]
         zmq_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
@@ -273,3 +310,38 @@ async def serve_cluster(
                 await _stop(engines, tasks)
             zmq_ctx.term()
             tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def start_engine(
+    cfg: ClusterConfig,
+    index: int = 0,
+    *,
+    profile: EngineProfile | None = None,
+    codec_factory: CodecFactory | None = None,
+) -> AsyncIterator[RunningEngine]:
+    """Start engine ``index`` of ``cfg`` (its port: ``cfg.base_port + index``, 0 = a free
+    one), yield its handle, stop it (server, driver, KV publisher) on exit.
+
+    ``cfg.engines`` is ignored; ``profile`` skips loading ``cfg.profile`` again (callers that
+    start many engines of one profile); ``codec_factory`` as in :func:`serve_cluster`. Enter and
+    exit it in the same task.
+    """
+    prof = profile if profile is not None else load_profile(cfg.profile)
+    codecs = codec_factory or partial(load_codec, tokenizer=cfg.tokenizer)
+    zmq_ctx: zmq.Context[zmq.Socket[bytes]] | None = zmq.Context() if cfg.kv_events else None
+    try:
+        async with anyio.create_task_group() as tg:
+            engine = _build(cfg, prof, index, tg, codecs)
+            engine.start(tg)
+            tasks = [asyncio.create_task(_serve(engine.server))]
+            try:
+                (running,) = await _wait_started(cfg, [engine], tasks, zmq_ctx)
+                yield running
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _stop([engine], tasks)
+                tg.cancel_scope.cancel()
+    finally:
+        if zmq_ctx is not None:
+            zmq_ctx.term()

@@ -279,7 +279,7 @@ class Admission:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(RECHECK_S, self._recheck)
         if self.metrics is not None:
-            self.metrics.admission_queue_depth.set(self.depth)
+            self.metrics.admission_queued.set(self.depth)
 
     def _pop(self, waiter: _Waiter) -> None:
         key = -waiter.priority
@@ -296,7 +296,7 @@ class Admission:
             self._timer.cancel()
             self._timer = None
         if self.metrics is not None:
-            self.metrics.admission_queue_depth.set(self.depth)
+            self.metrics.admission_queued.set(self.depth)
 
     def _ahead(self, waiter: _Waiter) -> int:
         """Waiters before ``waiter`` in line."""

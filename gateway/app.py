@@ -38,7 +38,7 @@ from gateway.middleware import (
     RequestIdMiddleware,
 )
 from gateway.responses import error_response
-from gateway.routes import admin, keys, openai, ops
+from gateway.routes import adapters, admin, keys, openai, ops
 from gateway.routes.proxied import ProxiedRoutes
 from gateway.services import Services
 from gateway.settings import Settings
@@ -121,11 +121,12 @@ def create_app(
     api.include_router(ops.router)
     api.include_router(admin.router)
     api.include_router(keys.router)
+    api.include_router(adapters.router)
     server = settings.server
     guard = ConcurrencyGuard(server.max_concurrent_requests)
     app: ASGIApp = BodySizeLimitMiddleware(api, max_bytes=server.max_body_bytes)
     app = ConcurrencyLimitMiddleware(app, guard=guard)
-    app = ProxiedRoutes(app, guard=guard, max_body_bytes=server.max_body_bytes)
-    if server.access_log:
+    if server.access_log:  # the FastAPI routes; proxied ones: gateway.accesslog.AccessLog
         app = AccessLogMiddleware(app)
+    app = ProxiedRoutes(app, guard=guard, max_body_bytes=server.max_body_bytes)
     return RequestIdMiddleware(app)

@@ -146,5 +146,53 @@ def sim(
     )
 
 
+@app.command("kube-sim")
+def kube_sim(
+    port: int = typer.Option(..., help="port on 127.0.0.1 (0: a free port, printed)"),
+    kubeconfig: str = typer.Option(..., help="write a kubeconfig for the emulator here"),
+    speed: float = typer.Option(1.0, help="simulated seconds per wall second"),
+    seed: int = typer.Option(0, help="seed of pod names and fault randomness"),
+    drain_s: float = typer.Option(30.0, help="default simulated drain limit of deleted pods"),
+    history: int = typer.Option(2000, min=1, help="watch events kept (older rv: 410 Gone)"),
+    log_level: str = typer.Option("warning", help="log level (stderr)"),
+) -> None:
+    """An emulated Kubernetes API (tests, benchmarks) whose pods run simulated engines."""
+    from enginesim.kube.server import KubeSimConfig, run_kube_sim
+
+    if speed <= 0:
+        raise typer.BadParameter("speed must be > 0")
+    cfg = KubeSimConfig(port=port, kubeconfig=Path(kubeconfig), speed=speed, seed=seed,
+                        drain_s=drain_s, history=history, log_level=log_level)  # fmt: skip
+    raise typer.Exit(run_kube_sim(cfg))
+
+
+@app.command()
+def autoscaler(
+    config: str = typer.Option(..., "--config", "-c", help="switchyard.yaml (autoscaling:)"),
+    metrics_port: int = typer.Option(9091, help="port of its own /metrics (0: a free port)"),
+    metrics_host: str = typer.Option("127.0.0.1", help="address of its own /metrics"),
+) -> None:
+    """The autoscaler on its own, leader-elected: scrapes the target's pods, patches its scale."""
+    from gateway.autoscaling import run_standalone
+    from gateway.logs import configure_logging
+
+    settings = _load(Path(config))
+    section = settings.autoscaling
+    problem = section.standalone_problem()
+    if problem:
+        typer.echo(f"switchyard: invalid configuration: {problem}", err=True)
+        raise typer.Exit(2)
+    configure_logging(settings.log_level, settings.log_format)
+
+    def started(port: int) -> None:
+        typer.echo(
+            f"switchyard autoscaler for {section.target.target()} (policy {section.policy}), "
+            f"metrics on http://{metrics_host}:{port}/metrics"
+        )
+
+    run = partial(run_standalone, section, host=metrics_host, port=metrics_port, on_started=started)
+    _run(run)
+
+
 def main() -> None:
     app()

@@ -188,7 +188,10 @@ class EndpointState:
         cards = tuple(cards)
         self.models = cards if cards else tuple(ModelCard(m) for m in self.static_models)
         self.version += 1
-        self.engine.set_models(frozenset(card.id for card in self.models))
+        self.engine.set_models(
+            frozenset(card.id for card in self.models),
+            adapters=frozenset(card.id for card in self.models if card.parent),
+        )
 
     def snapshot(self) -> EndpointSnapshot:
         return self.engine.snapshot()

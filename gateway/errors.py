@@ -5,9 +5,17 @@
     GatewayError (500 server_error)
     ├── Overloaded                  503  code=server_is_overloaded  (concurrency guard, shed
     │   │                                                            from the admission queue)
-    │   └── ShuttingDown            503  code=shutting_down         (drain after Ctrl-C)
+    │   ├── ShuttingDown            503  code=shutting_down         (drain after Ctrl-C)
+    │   ├── AdapterUnavailable      503  code=adapter_unavailable   (no engine has a free
+    │   │                                                            LoRA slot for it now)
+    │   └── AdapterLoadTimeout      503  code=adapter_load_timeout  (its on-demand load took
+    │                                                                 over lora.load_timeout_s)
+    ├── AdapterLoadFailed           502  code=adapter_load_failed   (a LoRA load: the engine's
+    │                                                                 5xx, no connection)
     ├── KeyStoreUnavailable         503  code=key_store_unavailable (an admin key change
     │                                                                 while Redis is down)
+    ├── NotReady                    503  code=not_ready             (``/ready`` before
+    │                                                                 discovery's first list)
     ├── ClientError (400 invalid_request_error)
     │   ├── InvalidJSON             400  code=invalid_json
     │   ├── InvalidField            400  code=invalid_value, param set
@@ -16,6 +24,8 @@
     │   ├── NotFound                404  code=not_found          (unknown route/engine id)
     │   ├── ModelNotFound           404  code=model_not_found
     │   ├── MethodNotAllowed        405  code=method_not_allowed
+    │   ├── AdapterRejected         4xx  code=adapter_load_rejected (the engine's own 4xx and
+    │   │                                                            message for a LoRA load)
     │   ├── BodyTooLarge            413  code=request_too_large
     │   └── RateLimited             429  type=rate_limit_error code=rate_limit_exceeded
     │                                    (retry-after, retry-after-ms, x-ratelimit-*, and
@@ -132,6 +142,17 @@ class ModelNotFound(ClientError):
         )
 
 
+class AdapterRejected(ClientError):
+    """An engine refused to load a LoRA adapter with a 4xx: that status and its message are
+    passed through (the status is per instance: whatever the engine said, 400 to 499)."""
+
+    code = "adapter_load_rejected"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message, param="model")
+        vars(self)["status"] = status if 400 <= status < 500 else 400
+
+
 class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
@@ -180,6 +201,21 @@ class UpstreamTimeout(UpstreamError):
     code = "upstream_timeout"
 
 
+class AdapterLoadFailed(GatewayError):
+    """A LoRA load failed on the engine's side (not a proxied attempt: no failover)."""
+
+    status = 502
+    code = "adapter_load_failed"
+
+
+class AdapterUnavailable(Overloaded):
+    code = "adapter_unavailable"
+
+
+class AdapterLoadTimeout(Overloaded):
+    code = "adapter_load_timeout"
+
+
 class _Unavailable503(GatewayError):
     """503 ``service_unavailable_error`` with ``retry-after`` of one second (a mixin)."""
 
@@ -198,6 +234,13 @@ class KeyStoreUnavailable(_Unavailable503):
     """503: the shared key store (Redis) cannot take an admin change right now."""
 
     code = "key_store_unavailable"
+
+
+class NotReady(_Unavailable503):
+    """503 from ``/ready``: this replica has not finished starting (it does not know its
+    engine pool yet)."""
+
+    code = "not_ready"
 
 
 def envelope(

@@ -20,7 +20,14 @@ from typing import Any, Protocol
 from gateway.parsing import Kind, RequestFields
 from routing import Decision, RouteRequest
 
-__all__ = ["FinishHook", "FinishedRequest", "ProxyPlan", "RequestObserver", "RouteHooks"]
+__all__ = [
+    "FinishHook",
+    "FinishedRequest",
+    "ProxyPlan",
+    "RequestObserver",
+    "RouteHooks",
+    "request_tokens",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +47,26 @@ class FinishedRequest:
     usage: Mapping[str, Any] | None
     streamed_events: int = 0
     """SSE data events relayed (about one per token): what a cut stream consumed."""
+    kind: Kind | None = None
+    policy: str | None = None
+    """The routing policy that ranked the engines."""
+    key_id: str | None = None
+    """The caller's key id (never the key): for the access log."""
+
+
+def request_tokens(record: FinishedRequest) -> tuple[int, int]:
+    """(prompt, completion) tokens of an answered request: the engine's usage when it sent
+    one, else the gateway's prompt estimate and the SSE events relayed; (0, 0) when no
+    engine's answer was relayed or the engine refused the request."""
+    if record.endpoint_id is None or record.status >= 400:
+        return 0, 0
+    usage = record.usage or {}
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    return (
+        prompt if isinstance(prompt, int) else record.prompt_tokens_estimate,
+        completion if isinstance(completion, int) else record.streamed_events,
+    )
 
 
 class RequestObserver(Protocol):
@@ -83,3 +110,5 @@ class ProxyPlan:
     strip_usage: bool = False
     """The gateway injected ``include_usage``: hide the usage chunk from the client."""
     on_finish: FinishHook | None = None
+    key_id: str | None = None
+    """The caller's key id (never the key), for the access log."""

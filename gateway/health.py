@@ -5,6 +5,12 @@ An engine leaves the pool after ``fail_threshold`` consecutive failures and come
 lists come from ``/v1/models`` (LoRA adapters appear with ``parent`` = base model) so that
 ``GET /v1/models`` and model validation reflect what healthy engines actually serve.
 
+A probe's model list is dropped when the engine's state changed while it was in flight
+(:attr:`EndpointState.version`: a LoRA load or unload updated the model list meanwhile,
+:mod:`gateway.lora_actuator`): the engine may have answered before that change, and its
+stale list would undo it until the next probe (an unloaded adapter routed to an engine that
+answers 404, a loaded one looking absent). The next probe refreshes it.
+
 Example::
 
     checker = HealthChecker(client=control, endpoints=registry, settings=s.health, metrics=m)
@@ -84,6 +90,8 @@ class HealthChecker:
         timeout = self._settings.timeout_s
         error: str | None = None
         cards: list[ModelCard] | None = None
+        # Also moved by a health change (passive failures): at worst one refresh is skipped.
+        version = state.version
         try:
             with anyio.fail_after(timeout * 2):
                 headers = state.upstream_headers
@@ -103,8 +111,10 @@ class HealthChecker:
                         cards = parse_model_cards(orjson.loads(body))
         except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, BodyTooLong) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if cards is not None:
+        if cards is not None and state.version == version:
             state.set_models(cards)
+        elif cards is not None:
+            log.debug("engine %s changed during the probe: its model list is not applied", state.id)
         self.apply(state, ok=error is None, error=error)
 
     def apply(self, state: EndpointState, *, ok: bool, error: str | None = None) -> None:

@@ -54,6 +54,7 @@ from gateway.errors import (
     PermissionDenied,
     Unauthorized,
 )
+from gateway.metricspec import Label, MetricSpec
 from gateway.principal import ANONYMOUS, Principal
 from gateway.redislink import RedisLink
 from gateway.settings import ApiKeyConfig, Settings, TenantConfig
@@ -465,6 +466,14 @@ class KeyStore:
 
 async def _version(r: Any, version_key: str) -> int:
     return int(await r.get(version_key) or 0)
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("switchyard_auth_keys", "gauge", "keys",
+               (Label("source", values=("admin", "config")),)),
+    MetricSpec("switchyard_auth_failures_total", "counter", "failures"),
+    MetricSpec("switchyard_auth_key_reloads_total", "counter", "reloads"),
+)  # fmt: skip
 
 
 class KeysCollector(Collector):

@@ -2,10 +2,11 @@
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that contextvars set here are visible in the
 handler, streaming is never buffered and ``http.disconnect`` reaches the proxy unchanged.
-Order, outermost first: :class:`RequestIdMiddleware` → :class:`AccessLogMiddleware` →
-the proxied routes (raw ASGI; they apply the :class:`ConcurrencyGuard` and the body limit
-themselves, one await level each fewer on the hot path) → :class:`ConcurrencyLimitMiddleware`
-→ :class:`BodySizeLimitMiddleware` → the FastAPI app. Both paths share one guard.
+Order, outermost first: :class:`RequestIdMiddleware` → the proxied routes (raw ASGI; they
+apply the :class:`ConcurrencyGuard` and the body limit themselves, one await level each fewer
+on the hot path, and write their own access line) → :class:`AccessLogMiddleware` →
+:class:`ConcurrencyLimitMiddleware` → :class:`BodySizeLimitMiddleware` → the FastAPI app.
+Both paths share one guard.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.context import reset_request_id, set_request_id
 from gateway.errors import BodyTooLarge, GatewayError, Overloaded, send_error
 
-log = logging.getLogger("switchyard.access")
+log = logging.getLogger("switchyard.access")  # gateway.accesslog.ACCESS_LOGGER
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -181,7 +182,13 @@ class ConcurrencyLimitMiddleware:
 
 
 class AccessLogMiddleware:
-    """One log line per request: method, path, status, duration, request id (via log context)."""
+    """One access line per request to the FastAPI routes (ops, admin, models): method, path,
+    status, duration, request id (from the log context). Probes (``/health``, ``/ready``,
+    ``/metrics``) are logged at DEBUG. Proxied requests are logged by
+    :class:`gateway.accesslog.AccessLog` with what the proxy knows (this middleware sits
+    behind the proxied routes: it adds no wrapper to their streamed chunks)."""
+
+    PROBES = frozenset({"/health", "/ready", "/metrics"})
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -202,10 +209,11 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_tracking)
         finally:
-            log.info(
-                "%s %s %d %.1fms",
-                scope.get("method", "-"),
-                scope.get("path", "-"),
-                status,
-                (time.perf_counter() - start) * 1000.0,
-            )
+            path = scope.get("path", "-")
+            level = logging.DEBUG if path in self.PROBES else logging.INFO
+            if log.isEnabledFor(level):
+                method = scope.get("method", "-")
+                duration = time.perf_counter() - start
+                fields = {"method": method, "path": path, "status": status,
+                          "duration_s": round(duration, 6)}  # fmt: skip
+                log.log(level, "%s %s %d", method, path, status, extra={"access": fields})

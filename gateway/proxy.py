@@ -58,7 +58,7 @@ from gateway.errors import (
     send_error,
     sse_error_event,
 )
-from gateway.exchange import FinishedRequest, ProxyPlan, RequestObserver
+from gateway.exchange import FinishedRequest, ProxyPlan, RequestObserver, request_tokens
 from gateway.health import HealthChecker
 from gateway.metrics import GatewayMetrics
 from gateway.settings import ProxySettings
@@ -312,13 +312,6 @@ class Exchange:
     def _account(self) -> None:
         plan, metrics = self.plan, self.proxy.metrics
         duration = time.perf_counter() - plan.started
-        metrics.request_done(
-            model=plan.model_label,
-            endpoint=self.endpoint_id or "none",
-            status=self.status,
-            duration_s=duration,
-            ttft_s=self.ttft_s,
-        )
         if self.outcome == "ok" and self.status >= 500:
             self.outcome = "upstream_error"
         record = FinishedRequest(
@@ -334,6 +327,19 @@ class Exchange:
             prompt_tokens_estimate=plan.route.prompt_tokens,
             usage=self.usage,
             streamed_events=self.events,
+            kind=plan.kind,
+            policy=plan.decision.policy,
+            key_id=plan.key_id,
+        )
+        prompt_tokens, completion_tokens = request_tokens(record)
+        metrics.request_done(
+            model=plan.model_label,
+            endpoint=self.endpoint_id or "none",
+            status=self.status,
+            duration_s=duration,
+            ttft_s=self.ttft_s,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
         )
         for hook in (plan.hooks, plan.on_finish):
             if hook is not None:

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator, Sequence
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.metricspec import Label, MetricSpec
 from gateway.ratelimit_local import ADMITTED, FITS, NEVER, LocalWindows
 from gateway.ratelimit_lua import parse_rows, run_script
 from gateway.ratelimit_rules import (
@@ -325,6 +326,23 @@ class RateLimiter:
 
 def _local_key(rule: LimitRule) -> tuple[str, str, str]:
     return (rule.scope, rule.kind, rule.ident)
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("switchyard_ratelimit_decisions_total", "counter", "decisions", (
+        Label("scope", values=("key", "tenant", "user")),
+        Label("kind", values=("requests", "tokens")),
+        Label("outcome", values=("allowed", "denied", "too_large")),
+    )),
+    MetricSpec("switchyard_ratelimit_local_decisions_total", "counter", "decisions"),
+    MetricSpec("switchyard_ratelimit_batches_total", "counter", "batches"),
+    MetricSpec("switchyard_ratelimit_batch_items_total", "counter", "items"),
+    MetricSpec("switchyard_ratelimit_settlements_total", "counter", "settlements",
+               (Label("outcome", values=("sent", "local", "dropped")),)),
+    MetricSpec("switchyard_ratelimit_local_rules", "gauge", "rules"),
+)  # fmt: skip
+"""The families :class:`RateLimitCollector` exports (``user``: the request's ``user`` field
+is hashed into the rule's key, never a label)."""
 
 
 class RateLimitCollector(Collector):

@@ -9,7 +9,7 @@ as a late Redis answer: at 50 ms, two replicas under a 200-request burst on two 
 the breaker and fell back to local limits; the default is 250 ms). While the breaker is open,
 callers get ``None`` at once (no request waits on Redis) and fall back to local state, and a
 background probe (``PING`` every ``retry_s``) closes it again when Redis answers, so a gateway
-recovers without a restart. Health is exported (``switchyard_redis_up``,
+recovers without a restart. Health is exported (``switchyard_redis_healthy_ratio``,
 ``switchyard_redis_errors_total``) and shown in ``/ready`` (never the URL's password).
 
 Deployments (:mod:`gateway.redisurl` parses the URL): one server (``redis://``,
@@ -50,6 +50,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException
 
+from gateway.metricspec import Label, MetricSpec
 from gateway.redisurl import RedisTarget, parse_redis_url
 from gateway.settings import RedisSettings
 
@@ -261,15 +262,30 @@ def _cluster(target: RedisTarget, bounds: dict[str, Any]) -> aioredis.Redis:
     return cast(aioredis.Redis, cluster)
 
 
+OPS = (
+    "ping", "ratelimit", "shared_state", "shared_state_leave", "keys_load", "keys_version",
+    "keys_write",
+)  # fmt: skip
+"""Every ``op`` passed to :meth:`RedisLink.call` (a test greps the callers against it)."""
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("switchyard_redis_healthy_ratio", "gauge", "ratio", when="redis_url"),
+    MetricSpec("switchyard_redis_errors_total", "counter", "errors",
+               (Label("op", values=OPS),), when="redis_url"),
+    MetricSpec("switchyard_redis_transitions_total", "counter", "transitions", when="redis_url"),
+)  # fmt: skip
+
+
 class RedisCollector(Collector):
-    """``switchyard_redis_up`` and ``switchyard_redis_errors_total{op}``, read at scrape."""
+    """``switchyard_redis_healthy_ratio``, ``switchyard_redis_errors_total{op}`` and
+    ``switchyard_redis_transitions_total``, read at scrape."""
 
     def __init__(self, link: RedisLink) -> None:
         self._link = link
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
-            "switchyard_redis_up",
+            "switchyard_redis_healthy_ratio",
             "1 while Redis answers, 0 while the gateway serves on local state",
             value=1.0 if self._link.up else 0.0,
         )

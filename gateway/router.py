@@ -34,11 +34,14 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from autoscale.arrivals import ArrivalCounter
 from gateway.admission import Saturated, why_empty
 from gateway.endpoints import EndpointRegistry
 from gateway.errors import InvalidField, NoHealthyEndpoint
 from gateway.exchange import FinishedRequest
-from gateway.metrics import GatewayMetrics
+from gateway.kvtier import TierResidency
+from gateway.metrics import ENDPOINT, GatewayMetrics
+from gateway.metricspec import Label, MetricSpec
 from gateway.parsing import Kind, RequestFields
 from gateway.prefix import NO_BLOCKS, Blocks, PromptHasher
 from gateway.settings import Settings
@@ -110,6 +113,7 @@ class Routed:
         matched = ",".join(f"{eid}:{n}" for eid, n in sorted(self.route.prefix_blocks.items()))
         prefix = f"prefix:mode={self.blocks.mode},blocks={len(self.blocks.hashes)}"
         prefix += f",block_tokens={self.blocks.block_tokens},match={matched or '-'}"
+        prefix += f",tier={self.route.tier_blocks}"
         text = " ".join((self.decision.explain(), *self.decision.details, prefix))
         text = "".join(ch if ch.isprintable() else " " for ch in text)
         return text.encode("latin-1", "replace").decode("latin-1")[:2048]
@@ -137,6 +141,14 @@ class Router:
         # Prefixes committed since the last sync, for the other replicas; a bounded deque
         # set by gateway/sharedstate.py when redis_url is set (None: nothing shared).
         self.outbox: deque[tuple[str, tuple[int, ...]]] | None = None
+        # Client requests arrived, per model, for the embedded autoscaler's arrival rates;
+        # set by gateway/services.py when autoscaling is enabled (None: nothing counted).
+        # Counted by gateway/routes/proxied.py before admission, not here: a request routed
+        # again after an admission wait is still one arrival.
+        self.arrivals: ArrivalCounter | None = None
+        # Residency in the shared KV tier (kv_tier.enabled; set by gateway/services.py):
+        # blocks it holds are warm on every engine (RouteRequest.tier_blocks).
+        self.tier: TierResidency | None = None
 
     def policy(self, name: str | None) -> Policy:
         """The named policy (``None``: the configured default); unknown -> 400."""
@@ -149,7 +161,8 @@ class Router:
         return policy
 
     def forget(self, endpoint_id: str) -> None:
-        """An engine left the pool: drop its prefix entries (O(index size); admin path only)."""
+        """An engine left the pool: drop its prefix entries (O(index size); the admin API and
+        Kubernetes discovery call it, never the request path)."""
         self.index.drop_endpoint(endpoint_id)
 
     async def route(
@@ -172,6 +185,9 @@ class Router:
         else:  # nothing reads the prefix: no hashing, no lookup, nothing recorded
             blocks = NO_BLOCKS
         matched = self.index.match(blocks.hashes) if blocks.hashes else {}
+        tier_blocks = 0
+        if self.tier is not None and blocks.hashes:  # bounded: kv_tier.lookup_timeout_s
+            tier_blocks = await self.tier.leading(model, blocks)
         # Admission caps (gateway/admission.py): no await from here to the proxy's lease.
         caps = self.settings.admission
         if caps.max_in_flight is not None and self.endpoints.leases >= caps.max_in_flight:
@@ -191,6 +207,7 @@ class Router:
             block_hashes=blocks.hashes,
             block_tokens=blocks.block_tokens,
             prefix_blocks=matched,
+            tier_blocks=tier_blocks,
             session_key=session_key[:MAX_SESSION_KEY] if session_key else None,
             user=user,
             stream=fields.stream,
@@ -213,14 +230,35 @@ class Router:
             raise NoHealthyEndpoint(
                 f"no healthy engine serves model `{fields.model}` (filter: {exc.reason})"
             ) from exc
-        chosen = decision.ranked[0].id
+        first = decision.ranked[0]
+        chosen = first.id
         hit = matched.get(chosen, 0)
         best = max(matched.values(), default=0)
         outcome = "cold" if best == 0 else ("hit" if hit >= best else "spill")
-        self.metrics.decided(policy=policy.name, outcome=outcome, endpoint=chosen)
-        if blocks.hashes:
-            self.metrics.prefix_hit_blocks.labels(policy=policy.name).observe(hit)
+        self.metrics.decided(policy=policy.name, outcome=outcome, endpoint=chosen,
+                             hit_blocks=hit, prompt_blocks=len(blocks.hashes))  # fmt: skip
+        if adapter is not None:
+            running = adapter in first.running_adapters
+            self.metrics.adapter_decisions.labels("running" if running else "cold").inc()
         return Routed(self, route, decision, blocks, user)
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("switchyard_prefix_index_entries", "gauge", "entries"),
+    MetricSpec("switchyard_prefix_index_pairs", "gauge", "pairs"),
+    MetricSpec("switchyard_prefix_index_max_pairs", "gauge", "pairs"),
+    MetricSpec("switchyard_prefix_index_bytes", "gauge", "bytes"),
+    MetricSpec("switchyard_prefix_index_precise_endpoints", "gauge", "endpoints"),
+    MetricSpec("switchyard_prefix_index_source_pairs", "gauge", "pairs",
+               (Label("source", values=("approximate", "precise")),)),
+    MetricSpec("switchyard_prefix_index_evictions_total", "counter", "evictions",
+               (Label("reason", values=("budget", "ttl")),)),
+    MetricSpec("switchyard_kv_events_blocks_total", "counter", "blocks",
+               (ENDPOINT, Label("event", values=("stored", "removed")))),
+    MetricSpec("switchyard_kv_events_problems_total", "counter", "problems",
+               (ENDPOINT, Label("kind", values=("seq_gap", "unchained")))),
+)  # fmt: skip
+"""The families :class:`RoutingCollector` exports (``kv_events``: engines with KV events)."""
 
 
 class RoutingCollector(Collector):

@@ -23,12 +23,18 @@ from pathlib import Path
 
 import anyio
 
+from autoscale.arrivals import ArrivalCounter
+from gateway.accesslog import AccessLog
 from gateway.admission import Admission
+from gateway.autoscaling import Autoscaler, build_embedded
+from gateway.discovery import KubernetesDiscovery
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.exchange import RequestObserver
 from gateway.health import HealthChecker
 from gateway.keys import KeysCollector, KeyStore
 from gateway.kvevents import KVEventConsumers
+from gateway.kvtier import TierCollector, TierResidency
+from gateway.lora import LoraManager
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.ratelimit import RateLimiter
@@ -59,7 +65,11 @@ class Services:
     limiter: RateLimiter
     redis: RedisLink | None = None  # the one link to redis_url (None: everything in memory)
     shared: SharedRoutingState | None = None  # routing state shared with other replicas
+    discovery: KubernetesDiscovery | None = None  # engines from pods (discovery.kind kubernetes)
+    autoscaler: Autoscaler | None = None  # the embedded autoscaler (autoscaling.enabled)
     config_path: Path | None = None
+    lora: LoraManager | None = None  # LoRA registry, on-demand loads, placement (lora:)
+    access_log: AccessLog | None = None  # server.access_log: one line per proxied request
 
     @classmethod
     def build(
@@ -76,6 +86,9 @@ class Services:
         metrics = GatewayMetrics.create(endpoints)
         router = Router(settings, endpoints, metrics)
         metrics.registry.register(RoutingCollector(router))
+        router.tier = TierResidency.from_settings(settings)  # None unless kv_tier.enabled
+        if router.tier is not None:
+            metrics.registry.register(TierCollector(router.tier))
         control = Upstream.for_control(settings.proxy)
         health = HealthChecker(
             client=control, endpoints=endpoints, settings=settings.health, metrics=metrics
@@ -98,15 +111,37 @@ class Services:
             settings.limits, redis, replicas=shared.replicas if shared else lambda: fallback
         )
         metrics.registry.register(limiter.collector())
+        discovery = None
+        if settings.discovery.kind == "kubernetes":
+            # New pods are probed at once (routable within the pool's 2 s bound, not at the
+            # next health round); removed ones leave the router's per-engine state.
+            discovery = KubernetesDiscovery(
+                settings.discovery, endpoints=endpoints, on_added=health.probe,
+                on_removed=router.forget,
+            )  # fmt: skip
+            metrics.registry.register(discovery.collector())
+        autoscaler = None
+        if settings.autoscaling.enabled:  # arrivals: counted as requests enter (proxied.py),
+            router.arrivals = ArrivalCounter()  # read across replicas when they share Redis
+            autoscaler = build_embedded(
+                settings.autoscaling, endpoints=endpoints,
+                arrivals=router.arrivals if shared is None else shared,
+                registry=metrics.registry, scraped=settings.routing.scrape_interval_s > 0,
+            )  # fmt: skip
+        access_log = AccessLog() if settings.server.access_log else None
         proxy = Proxy(
             upstream=upstream,
             endpoints=endpoints,
             health=health,
             metrics=metrics,
             settings=settings.proxy,
-            observers=observers,
+            observers=observers if access_log is None else (*observers, access_log),
             inflight=inflight,
         )
+        lora = LoraManager.build(
+            settings, endpoints=endpoints, control=control, registry=metrics.registry,
+            inflight=proxy.inflight,
+        )  # fmt: skip
         return cls(
             settings=settings,
             upstream=upstream,
@@ -127,7 +162,11 @@ class Services:
             limiter=limiter,
             redis=redis,
             shared=shared,
+            discovery=discovery,
+            autoscaler=autoscaler,
             config_path=config_path,
+            lora=lora,
+            access_log=access_log,
         )
 
     @classmethod
@@ -142,6 +181,8 @@ class Services:
         """Client, registry and background tasks for the app's lifetime."""
         services = cls.build(settings, config_path=config_path, inflight=inflight)
         try:
+            if services.discovery is not None:
+                await services.discovery.sync_once()  # the pods' engines before the first probe
             await services.health.check_once()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(supervise, "health-checker", services.health.run)
@@ -157,6 +198,12 @@ class Services:
                     tg.start_soon(supervise, "rate-limit-settlements", services.limiter.run)
                 if services.shared is not None:
                     tg.start_soon(supervise, "shared-state", services.shared.run)
+                if services.discovery is not None:
+                    tg.start_soon(supervise, "discovery", services.discovery.run)
+                if services.lora is not None:
+                    tg.start_soon(supervise, "lora", services.lora.run)
+                if services.autoscaler is not None:  # releases its lease when cancelled
+                    tg.start_soon(supervise, "autoscaler", services.autoscaler.run)
                 try:
                     yield services
                 finally:
@@ -173,6 +220,14 @@ class Services:
             await self.shared.leave()  # bounded by the link's timeout
         if self.redis is not None:
             await self.redis.aclose()
+        if self.router.tier is not None:
+            await self.router.tier.aclose()
+        if self.discovery is not None:
+            self.discovery.close()
+        if self.autoscaler is not None:
+            await self.autoscaler.aclose()
+        if self.lora is not None:
+            await self.lora.aclose()
 
 
 def add_engine(endpoints: EndpointRegistry, engine: EngineConfig) -> EndpointState:

@@ -24,8 +24,10 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from autoscale.settings import AutoscalingSettings
 from gateway.redisurl import parse_redis_url
 from routing import build_profile, builtin_policies
+from routing.lora import PlacementSettings
 
 
 class _Section(BaseModel):
@@ -268,6 +270,148 @@ class HealthSettings(_Section):
     success_threshold: int = Field(default=2, ge=1)
 
 
+class DiscoverySettings(_Section):
+    """Where the engines come from besides ``engines:`` (:mod:`gateway.discovery`).
+
+    ``static`` (the default): only the ``engines:`` list. ``kubernetes``: also the pods of
+    ``namespace`` matching ``selector`` (required: without one every pod of the namespace,
+    the gateway's own included, would be taken for an engine), listed then watched with the
+    official client; ``engines:`` may list more (discovery never touches those). A pod
+    serves on ``{scheme}://{podIP}:{port}``, the port from its annotation
+    ``port_annotation`` else ``default_port``, the model from its label ``model_label``.
+    ``kubeconfig`` unset: the in-cluster service account, else ``~/.kube/config``.
+    ``watch_timeout_s``: each watch asks the API server to end it after this long
+    (``timeoutSeconds``), then watches again from the last resourceVersion. Every other
+    API call is bounded by ``request_timeout_s``. After a failure (an API error, a 410
+    Gone, a cut watch) the pods are listed again after a backoff that starts at
+    ``backoff_initial_s`` and doubles, with jitter, up to ``backoff_max_s``."""
+
+    kind: Literal["static", "kubernetes"] = "static"
+    namespace: str = "default"
+    selector: str | None = None
+    kubeconfig: Path | None = None
+    context: str | None = None  # a kubeconfig context other than its current one
+    model_label: str = "switchyard.io/model"
+    port_annotation: str = "switchyard.io/port"
+    # The pod's KV-event publisher port (vLLM --kv-events-config tcp://*:PORT): subscribed at
+    # tcp://{podIP}:PORT for precise prefix routing; absent: no KV events for that pod.
+    kv_events_annotation: str = "switchyard.io/kv-events-port"
+    default_port: int = Field(default=8000, gt=0, le=65535)
+    scheme: Literal["http", "https"] = "http"
+    backoff_initial_s: float = Field(default=0.2, gt=0)
+    backoff_max_s: float = Field(default=10.0, gt=0)
+    watch_timeout_s: float = Field(default=30.0, ge=1, le=3600)
+    request_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> DiscoverySettings:
+        if self.kind == "kubernetes" and not (self.selector or "").strip():
+            raise ValueError("discovery.selector is required with kind kubernetes")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("discovery.backoff_max_s must be >= backoff_initial_s")
+        if self.kubeconfig is not None and not self.kubeconfig.is_file():
+            raise ValueError(f"discovery.kubeconfig: no file at {self.kubeconfig}")
+        return self
+
+
+class LoraAdapterConfig(_Section):
+    """One managed LoRA adapter (:mod:`gateway.adapters`): ``name`` is the model clients ask
+    for, ``base_model`` the served model it runs on, ``source`` where the engines read it
+    (an absolute path or ``file://`` URL; see ``gateway.adapters.SourceResolver``),
+    ``rank`` informational (vLLM's ``--max-lora-rank`` must cover it)."""
+
+    name: str = Field(min_length=1, max_length=256)
+    base_model: str = Field(min_length=1, max_length=256)
+    source: str = Field(min_length=1, max_length=4096)
+    rank: int | None = Field(default=None, gt=0, le=4096)
+
+
+class LoraConfigMapSettings(_Section):
+    """Adapters read from a Kubernetes ConfigMap (with ``discovery.kind: kubernetes``):
+    ``data[key]`` holds a YAML list of ``{name, base_model, source, rank?}``, read again
+    every ``refresh_s`` (RBAC: ``get`` on that one ConfigMap)."""
+
+    name: str = Field(min_length=1)
+    key: str = "adapters.yaml"
+    refresh_s: float = Field(default=10.0, gt=0)
+
+
+class KvTierSettings(_Section):
+    """Tier-aware routing (docs/kvtier.md): the engines share a KV-cache tier in Redis (the
+    vLLM connector or ``enginesim --kv-tier``), which writes a size-only *residency* key per
+    full prompt block it stored, keyed by this gateway's token-block hash
+    (:func:`kvcache.tier.residency_namespace`). With ``enabled``, a request the prefix-cache
+    cost model routes has those keys looked up (one pipelined EXISTS, bounded by
+    ``lookup_timeout_s``; positives cached ``cache_ttl_s``, the first absent block
+    ``miss_ttl_s``; at most ``cache_max_entries``), and blocks the tier holds count as warm
+    on every engine at their fetch cost. Only in token mode (``routing.prefix.tokenizer``):
+    byte blocks never match an engine's keys. ``redis_url``: the tier's Redis (the URL the
+    engines use); unset, the gateway's ``redis_url``. The request's model must be the name the
+    engines serve it under (both sides seed the block hashes with it). While Redis is down the
+    lookup answers 0 at once (a breaker retried every ``retry_s``): routing as without a tier."""
+
+    enabled: bool = False
+    redis_url: str | None = None
+    lookup_timeout_s: float = Field(default=0.02, gt=0, le=1)
+    retry_s: float = Field(default=1.0, gt=0)
+    max_connections: int = Field(default=4, gt=0)
+    cache_ttl_s: float = Field(default=2.0, ge=0)
+    miss_ttl_s: float = Field(default=0.25, ge=0)
+    cache_max_entries: int = Field(default=100_000, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _plain_redis(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
+            raise ValueError("kv_tier.redis_url: redis://, rediss://, unix:// or redis+cluster://")
+        return value
+
+
+class LoraSettings(_Section):
+    """High-density LoRA (docs/lora.md): the adapter registry (``adapters`` here, the admin
+    API, optionally ``configmap``), on-demand loading and the placement controller.
+
+    A request for a registered adapter that no healthy engine holds waits up to
+    ``load_timeout_s`` while one engine loads it (``on_demand``); concurrent requests share
+    that one load. Each load/unload call to an engine is bounded by ``request_timeout_s``,
+    at most ``max_concurrent_ops`` at once. An engine's adapter slots come from its
+    ``vllm:lora_requests_info`` ``max_lora`` label, else ``max_loras``; how many adapters an
+    engine holds (vLLM's CPU LoRA cache, ``--max-cpu-loras``, not exported) is
+    ``max_cpu_loras`` (unset: its ``max_lora``, vLLM's default). The controller runs
+    every ``placement_interval_s`` (0: off); ``placement`` overrides
+    :class:`routing.lora.PlacementSettings` fields; ``rate_alpha`` is the EWMA weight of
+    one interval's request rate. ``retry_after_s``: the ``retry-after`` of a 503 when no
+    engine has a free slot. ``max_adapters`` bounds the registry."""
+
+    adapters: tuple[LoraAdapterConfig, ...] = ()
+    on_demand: bool = True
+    load_timeout_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_concurrent_ops: int = Field(default=4, gt=0, le=64)
+    max_loras: int = Field(default=1, ge=0)
+    max_cpu_loras: int | None = Field(default=None, ge=1)
+    placement_interval_s: float = Field(default=2.0, ge=0)
+    placement: dict[str, Any] = Field(default_factory=dict)
+    rate_alpha: float = Field(default=0.3, gt=0, le=1)
+    retry_after_s: float = Field(default=2.0, gt=0)
+    max_adapters: int = Field(default=10_000, gt=0)
+    configmap: LoraConfigMapSettings | None = None
+
+    @model_validator(mode="after")
+    def _unique(self) -> LoraSettings:
+        names = [a.name for a in self.adapters]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"lora.adapters: duplicate names {dup}")
+        if len(names) > self.max_adapters:
+            raise ValueError("lora.adapters: more adapters than lora.max_adapters")
+        try:
+            PlacementSettings(**self.placement)
+        except TypeError as exc:
+            raise ValueError(f"lora.placement: {exc}") from exc
+        return self
+
+
 class Settings(BaseSettings):
     """Everything configurable, frozen. See the module docstring for sources."""
 
@@ -284,6 +428,12 @@ class Settings(BaseSettings):
     routing: RoutingSettings = RoutingSettings()
     health: HealthSettings = HealthSettings()
     engines: tuple[EngineConfig, ...] = ()
+    discovery: DiscoverySettings = DiscoverySettings()
+    # The autoscaler (autoscale/, docs/autoscaling.md): embedded when enabled; the same
+    # section configures `switchyard autoscaler --config`.
+    autoscaling: AutoscalingSettings = AutoscalingSettings()
+    # LoRA adapters: registry, on-demand loading, placement (docs/lora.md).
+    lora: LoraSettings = LoraSettings()
     admin_enabled: bool = True
     # Client API keys: plain strings (every model, no limits) or ApiKeyConfig mappings.
     # Empty, with no redis_url key store in use, means no authentication (the local default).
@@ -303,6 +453,8 @@ class Settings(BaseSettings):
     # (tests/gateway/test_redis_topologies.py).
     redis_url: str | None = None
     redis: RedisSettings = RedisSettings()
+    # The shared KV-cache tier's residency, for tier-aware routing (docs/kvtier.md).
+    kv_tier: KvTierSettings = KvTierSettings()
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -318,6 +470,32 @@ class Settings(BaseSettings):
         if self.redis_url and parse_redis_url(self.redis_url).kind == "cluster":
             if not self.redis.key_prefix.rstrip(":"):
                 raise ValueError("redis.key_prefix must not be empty with a Redis Cluster URL")
+        return self
+
+    @model_validator(mode="after")
+    def _one_actuator(self) -> Settings:
+        auto = self.autoscaling
+        if auto.enabled and self.server.workers > 1 and not auto.leader_election.enabled:
+            # every worker embeds an autoscaler: only a Lease keeps them to one actuator
+            raise ValueError("autoscaling with server.workers > 1 needs leader_election")
+        if auto.enabled and self.server.workers > 1 and auto.leader_election.identity:
+            raise ValueError(
+                "leave autoscaling.leader_election.identity unset with "
+                "server.workers > 1 (each worker needs its own: host_pid)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _kv_tier_needs_redis(self) -> Settings:
+        if self.kv_tier.enabled and not (self.kv_tier.redis_url or self.redis_url):
+            raise ValueError("kv_tier.enabled needs kv_tier.redis_url (or redis_url)")
+        return self
+
+    @model_validator(mode="after")
+    def _configmap_needs_kubernetes(self) -> Settings:
+        if self.lora.configmap is not None and self.discovery.kind != "kubernetes":
+            # it reads with discovery's kubeconfig and namespace
+            raise ValueError("lora.configmap needs discovery.kind kubernetes")
         return self
 
     @classmethod

@@ -18,6 +18,12 @@ to N cold placements per group). :class:`SharedRoutingState` keeps them in step:
   live replicas' counts, appends this replica's batch -- new prefix records and VTC charges
   -- to the stream ``<prefix>rs:events`` (one entry per sync, ``XADD MAXLEN ~``) and reads
   the other replicas' entries since its last id.
+* **arrivals** (autoscaling enabled): each sync also writes this replica's cumulative
+  arrival totals per model (hash ``<prefix>rs:arrivals``, a field per live replica) and
+  reads the others'; :meth:`SharedRoutingState.read_arrivals` gives the embedded
+  autoscaler every live replica's totals (its own straight from its counter), which
+  :class:`autoscale.arrivals.FleetRateMeter` differences per replica. While Redis is down
+  the reading is this replica's totals x the live replicas last seen, marked estimated;
 * **applied locally**: the other replicas' counts are summed per engine and replace
   ``EngineState``'s remote counts wholesale (snapshots add them); their prefix records are
   inserted into the local index as approximate entries (the same as its own commits); their
@@ -82,7 +88,9 @@ import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
+from autoscale.arrivals import FleetReading, totals_of
 from gateway.endpoints import EndpointRegistry
+from gateway.metricspec import Label, MetricSpec
 from gateway.redislink import RedisLink
 from gateway.router import Router
 from gateway.settings import Settings
@@ -91,18 +99,20 @@ from gateway.sharedwire import (
     SYNC_LUA,
     Load,
     SyncReply,
+    pack_arrivals,
     pack_batch,
     pack_loads,
     pack_prefixes,
     parse_reply,
     sum_loads,
+    unpack_arrivals,
     unpack_batch,
     unpack_loads,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SharedRoutingState", "new_replica_id"]
+__all__ = ["METRICS", "SharedRoutingState", "new_replica_id"]
 
 OUTBOX_RECORDS = 4096
 """Prefix records kept for the next sync (the oldest are dropped beyond it)."""
@@ -119,6 +129,16 @@ STREAM_TTL_S = 120.0
 def new_replica_id() -> str:
     """Random per process (a restarted worker is a new replica), with the pid to read logs."""
     return f"{secrets.token_hex(6)}-{os.getpid()}"
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("switchyard_shared_state_sync_seconds", "histogram", "seconds", when="redis_url"),
+    MetricSpec("switchyard_shared_state_replicas", "gauge", "replicas", when="redis_url"),
+    MetricSpec("switchyard_shared_state_sync_errors_total", "counter", "errors",
+               when="redis_url"),
+    MetricSpec("switchyard_shared_state_prefix_records_total", "counter", "records",
+               (Label("direction", values=("sent", "received")),), when="redis_url"),
+)  # fmt: skip
 
 
 # -- the sync loop ----------------------------------------------------------------------
@@ -143,11 +163,18 @@ class SharedRoutingState:
         self.interval_s = settings.redis.sync_interval_s
         self.liveness_s = max(1.0, 5 * self.interval_s)
         self._clock = clock
-        self._keys = [link.key("rs", "replicas"), link.key("rs", "load"), link.key("rs", "events")]
+        self._keys = [
+            link.key("rs", "replicas"),
+            link.key("rs", "load"),
+            link.key("rs", "events"),
+            link.key("rs", "arrivals"),
+        ]
         self._script: Any = None  # redis-py AsyncScript, made on the serving loop
         self._last_id = ""
         self._last_ok: float | None = None
         self._remote_set = False
+        self._synced = False  # the last sync attempt was good
+        self._arrivals: dict[str, bytes] = {}  # the other live replicas', as last synced
         self._replicas = settings.limits.replicas
         self._charges: dict[str, float] = {}  # VTC charges not yet published
         self.outbox: deque[tuple[str, tuple[int, ...]]] = deque(maxlen=OUTBOX_RECORDS)
@@ -196,6 +223,7 @@ class SharedRoutingState:
     async def sync_once(self) -> bool:
         """One exchange with Redis; False (and local state only) when it failed."""
         if not self.link.up:  # the breaker is open: nothing to pack (its probe reopens it)
+            self._synced = False
             self.sync_errors.inc()
             self._stale()
             return False
@@ -205,6 +233,7 @@ class SharedRoutingState:
         loads: dict[str, Load] = {}
         for state in self.endpoints:
             loads[state.id] = state.engine.local_load()
+        arrivals = self.router.arrivals
         args = [
             self.replica_id,
             pack_loads(loads),
@@ -215,6 +244,7 @@ class SharedRoutingState:
             int(STREAM_TTL_S * 1000),
             pack_batch(prefixes, self._charges),
             MAX_READ_BYTES,
+            b"" if arrivals is None else pack_arrivals(arrivals.snapshot()),
         ]
         raw = await self.link.call("shared_state", lambda r: self._run_script(r, args))
         reply: SyncReply | None = None
@@ -224,6 +254,7 @@ class SharedRoutingState:
             except (ValueError, TypeError) as exc:
                 log.warning("shared routing state: bad sync reply (%s)", exc)
         if reply is None:
+            self._synced = False
             self.sync_errors.inc()
             self._stale()
             return False
@@ -233,21 +264,42 @@ class SharedRoutingState:
         if prefixes:
             self._sent.inc(len(prefixes))
         self._apply(reply)
+        self._synced = True
         self._last_ok = self._clock()
         self.sync_seconds.observe(time.perf_counter() - started)
         return True
 
     async def leave(self) -> None:
         """Deregister (shutdown): the others stop counting this replica at once."""
-        replicas, load, _ = self._keys
+        replicas, load, _, arrivals = self._keys
 
         async def remove(r: Redis) -> None:
             async with r.pipeline(transaction=False) as pipe:
                 pipe.zrem(replicas, self.replica_id)
                 pipe.hdel(load, self.replica_id)
+                pipe.hdel(arrivals, self.replica_id)
                 await pipe.execute()
 
         await self.link.call("shared_state_leave", remove)
+
+    def read_arrivals(self, model: str | None) -> FleetReading:
+        """Every live replica's cumulative arrivals of ``model`` (``None``: all models) for
+        the embedded autoscaler (:class:`autoscale.arrivals.ArrivalReader`): this one's
+        from its counter, the others' as of the last sync. ``estimated`` (this replica's
+        totals alone, to be scaled by the live replicas last seen) when the last sync
+        failed, none succeeded yet, or the last good one is older than ``liveness``."""
+        counter = self.router.arrivals
+        own = counter.totals(model) if counter is not None else totals_of({}, model)
+        totals = {self.replica_id: own}
+        age = None if self._last_ok is None else self._clock() - self._last_ok
+        if not self._synced or age is None or age > self.liveness_s:
+            return FleetReading(totals, self.replica_id, self._replicas, estimated=True)
+        for rid, blob in self._arrivals.items():
+            try:
+                totals[rid] = totals_of(unpack_arrivals(blob), model)
+            except ValueError as exc:  # left out: a baseline again once it reads well
+                log.warning("shared routing state: replica %s sent bad arrivals (%s)", rid, exc)
+        return FleetReading(totals, self.replica_id, self._replicas)
 
     def describe(self) -> dict[str, Any]:
         """For ``/ready``: replica id, live replicas, age of the last good sync."""
@@ -262,6 +314,7 @@ class SharedRoutingState:
 
     def _apply(self, reply: SyncReply) -> None:
         self._last_id = reply.last_id
+        self._arrivals = reply.arrivals  # unpacked when read (once per autoscaler tick)
         self._replicas = reply.replicas
         self.replicas_gauge.set(reply.replicas)
         replica_loads: list[dict[str, Load]] = []

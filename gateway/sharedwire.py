@@ -5,7 +5,10 @@ script a sync runs, and the packing of what replicas exchange. Pure, table-teste
   ``{engine: [in_flight, in_flight_tokens, prefill_tokens]}``, idle engines left out;
 * one stream entry per sync (``r`` = replica id, ``b`` = :class:`Batch`): msgpack
   ``{"p": [[engine, hashes]], "v": {user: cost}}``, empty parts left out; block hashes
-  are unsigned 64-bit xxh3 values packed little-endian.
+  are unsigned 64-bit xxh3 values packed little-endian;
+* a replica's cumulative arrivals (the arrivals hash, one field per replica, only from
+  replicas that count them: autoscaling enabled): msgpack
+  ``{model: [requests, prompt_tokens, output_tokens]}`` since the replica started.
 
 Example::
 
@@ -23,6 +26,8 @@ from typing import Any
 
 import msgpack
 
+from autoscale.arrivals import ArrivalTotals
+
 __all__ = [
     "MAX_PUBLISH_BYTES",
     "MAX_RECORD_HASHES",
@@ -31,11 +36,13 @@ __all__ = [
     "Batch",
     "Load",
     "SyncReply",
+    "pack_arrivals",
     "pack_batch",
     "pack_loads",
     "pack_prefixes",
     "parse_reply",
     "sum_loads",
+    "unpack_arrivals",
     "unpack_batch",
     "unpack_loads",
 ]
@@ -49,11 +56,13 @@ Load = tuple[int, int, int]
 """``(in_flight, in_flight_tokens, prefill_tokens)`` of one replica on one engine."""
 NO_LOAD: Load = (0, 0, 0)
 
-# KEYS: replicas zset, load hash, events stream.
+# KEYS: replicas zset, load hash, events stream, arrivals hash.
 # ARGV: replica id, load blob, liveness ms, last id ('' = first sync: the newest entries),
-#       read count, stream maxlen, stream ttl ms, batch blob ('' = nothing new), read bytes.
+#       read count, stream maxlen, stream ttl ms, batch blob ('' = nothing new), read bytes,
+#       arrivals blob ('' = this replica counts none: nothing written, nothing read).
 # Returns: {server ms, live replicas, last id, {replica, load blob, ...},
-#           {batch blob, ...} of the other replicas' entries, in stream order}.
+#           {batch blob, ...} of the other replicas' entries, in stream order,
+#           {replica, arrivals blob, ...} of the live replicas}.
 SYNC_LUA = """
 local rid = ARGV[1]
 local t = redis.call('TIME')
@@ -63,6 +72,7 @@ local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - live_ms)
 for _, member in ipairs(dead) do
   redis.call('ZREM', KEYS[1], member)
   redis.call('HDEL', KEYS[2], member)
+  redis.call('HDEL', KEYS[4], member)
 end
 redis.call('ZADD', KEYS[1], now, rid)
 redis.call('PEXPIRE', KEYS[1], live_ms * 2)
@@ -110,7 +120,13 @@ if ARGV[8] ~= '' then
   if complete then last = id end
 end
 if last == '' then last = '0-0' end
-return {now, redis.call('ZCARD', KEYS[1]), last, loads, out}
+local arrivals = {}
+if ARGV[10] ~= '' then
+  redis.call('HSET', KEYS[4], rid, ARGV[10])
+  redis.call('PEXPIRE', KEYS[4], live_ms * 2)
+  arrivals = redis.call('HGETALL', KEYS[4])
+end
+return {now, redis.call('ZCARD', KEYS[1]), last, loads, out, arrivals}
 """
 
 
@@ -184,12 +200,7 @@ def unpack_batch(blob: bytes) -> Batch:
     """The payload of :func:`pack_batch` (ValueError on anything else)."""
     if not blob:
         return Batch()
-    try:
-        doc = msgpack.unpackb(blob)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ValueError(f"bad batch: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ValueError("bad batch: not a map")
+    doc = _unpack_map(blob, "batch")
     prefixes: list[tuple[str, list[int]]] = []
     for item in _of(doc, "p", list):
         if not (isinstance(item, list) and len(item) == 2):
@@ -204,6 +215,27 @@ def unpack_batch(blob: bytes) -> Batch:
             raise ValueError("bad charge")
         charges[user] = float(cost)
     return Batch(tuple(prefixes), charges)
+
+
+def _unpack_map(blob: bytes, what: str) -> dict[Any, Any]:
+    """A msgpack map (ValueError naming ``what`` on anything else)."""
+    try:
+        doc = msgpack.unpackb(blob)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ValueError(f"bad {what}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"bad {what}: not a map")
+    return doc
+
+
+def _unpack_counts(blob: bytes, what: str) -> dict[str, list[int]]:
+    """A msgpack map of names to three counts, as :func:`pack_loads` and
+    :func:`pack_arrivals` write them (ValueError naming ``what`` on anything else)."""
+    doc = _unpack_map(blob, f"{what} blob")
+    for key, value in doc.items():
+        if not (isinstance(key, str) and _counts(value, 3)):
+            raise ValueError(f"bad {what} entry")
+    return doc
 
 
 def _of(doc: dict[Any, Any], key: str, kind: type) -> Any:
@@ -230,18 +262,7 @@ def pack_loads(loads: Mapping[str, Load]) -> bytes:
 def unpack_loads(blob: bytes) -> dict[str, Load]:
     if not blob:
         return {}
-    try:
-        raw = msgpack.unpackb(blob)
-    except Exception as exc:
-        raise ValueError(f"bad load blob: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError("bad load blob: not a map")
-    out: dict[str, Load] = {}
-    for eid, value in raw.items():
-        if not (isinstance(eid, str) and _counts(value, 3)):
-            raise ValueError("bad load entry")
-        out[eid] = (value[0], value[1], value[2])
-    return out
+    return {eid: (v[0], v[1], v[2]) for eid, v in _unpack_counts(blob, "load").items()}
 
 
 def sum_loads(replicas: Iterable[Mapping[str, Load]]) -> dict[str, Load]:
@@ -254,16 +275,31 @@ def sum_loads(replicas: Iterable[Mapping[str, Load]]) -> dict[str, Load]:
     return out
 
 
+def pack_arrivals(by_model: Mapping[str, ArrivalTotals]) -> bytes:
+    """One replica's cumulative arrivals per model (never ``b""``: an empty map is a replica
+    that counts arrivals but has seen none)."""
+    doc = {m: [t.requests, t.prompt_tokens, t.output_tokens] for m, t in by_model.items()}
+    return bytes(msgpack.packb(doc))
+
+
+def unpack_arrivals(blob: bytes) -> dict[str, ArrivalTotals]:
+    """The payload of :func:`pack_arrivals` (ValueError on anything else)."""
+    counts = _unpack_counts(blob, "arrivals")
+    return {model: ArrivalTotals(v[0], v[1], v[2]) for model, v in counts.items()}
+
+
 @dataclass(frozen=True, slots=True)
 class SyncReply:
     """The script's answer: live replicas, the stream id read up to, the other live
-    replicas' counts by replica id, and the other replicas' batches in stream order."""
+    replicas' counts by replica id, the other replicas' batches in stream order, and the
+    other live replicas' arrivals blobs by replica id."""
 
     server_ms: int
     replicas: int
     last_id: str
     loads: dict[str, bytes]
     entries: list[bytes]
+    arrivals: dict[str, bytes] = field(default_factory=dict)
 
 
 def _text(value: Any) -> str:
@@ -275,19 +311,31 @@ def _blob(value: Any) -> bytes:
 
 
 def parse_reply(raw: Any, *, replica_id: str) -> SyncReply:
-    """:data:`SYNC_LUA`'s reply; this replica's own load is left out. ValueError if
-    malformed."""
-    if not (isinstance(raw, list | tuple) and len(raw) == 5):
+    """:data:`SYNC_LUA`'s reply (the arrivals part may be absent); this replica's own load
+    and arrivals are left out. ValueError if malformed."""
+    if not (isinstance(raw, list | tuple) and len(raw) in (5, 6)):
         raise ValueError("unexpected sync reply")
-    now, replicas, last, loads, entries = raw
-    if not isinstance(loads, list | tuple) or not isinstance(entries, list | tuple):
+    now, replicas, last, loads, entries = raw[:5]
+    arrivals = raw[5] if len(raw) == 6 else ()
+    if not isinstance(entries, list | tuple):
         raise ValueError("unexpected sync reply")
-    if len(loads) % 2:
-        raise ValueError("unexpected sync reply")
-    others = {
-        _text(loads[i]): _blob(loads[i + 1])
-        for i in range(0, len(loads), 2)
-        if _text(loads[i]) != replica_id
-    }
     batches = [_blob(entry) for entry in entries]
-    return SyncReply(int(now), max(1, int(replicas)), _text(last), others, batches)
+    return SyncReply(
+        int(now),
+        max(1, int(replicas)),
+        _text(last),
+        _others(loads, replica_id),
+        batches,
+        _others(arrivals, replica_id),
+    )
+
+
+def _others(pairs: Any, replica_id: str) -> dict[str, bytes]:
+    """A flat HGETALL reply by replica id, less ``replica_id``'s own field."""
+    if not isinstance(pairs, list | tuple) or len(pairs) % 2:
+        raise ValueError("unexpected sync reply")
+    return {
+        _text(pairs[i]): _blob(pairs[i + 1])
+        for i in range(0, len(pairs), 2)
+        if _text(pairs[i]) != replica_id
+    }

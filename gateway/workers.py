@@ -10,8 +10,11 @@ What each worker keeps alone without ``redis_url``: in-flight counts per engine,
 approximate prefix index, VTC counters, EWMAs. Each worker then routes on its own view, so
 with N workers a prefix group placed by one worker is unknown to the others (up to N cold
 placements per group instead of one) and least-request balances each worker's own share.
+The embedded autoscaler's arrivals are per worker too: its leader sizes the fleet from the
+requests its own worker accepted, about 1/N of them (a warning at start; the kernel's
+uneven hand-out of connections rules out scaling them by N).
 With ``redis_url`` each worker is one replica of :mod:`gateway.sharedstate` (its own random
-replica id): in-flight counts, prefix records and VTC charges go out every
+replica id): in-flight counts, prefix records, VTC charges and arrival totals go out every
 ``redis.sync_interval_s``, exactly as between separate gateways; EWMAs, scrapes and the
 recent-routing counts of the balance and placement terms stay per worker. Every worker
 probes and scrapes every engine (N times the background load on engines).
@@ -29,11 +32,13 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -69,11 +74,40 @@ def bind_listener(host: str, port: int, *, backlog: int = 2048) -> socket.socket
     return sock
 
 
+def worker_settings(settings: Settings, index: int) -> Settings:
+    """Worker ``index``'s settings: only worker 0 runs the LoRA placement controller (the
+    others load on demand and reconcile; N controllers would each act on their own view)."""
+    if index == 0 or settings.lora.placement_interval_s == 0:
+        return settings
+    lora = settings.lora.model_copy(update={"placement_interval_s": 0.0})
+    return settings.model_copy(update={"lora": lora})
+
+
+def die_with_supervisor(supervisor: int) -> bool:
+    """Linux: ask the kernel to send this worker SIGTERM when its supervisor dies, even by
+    SIGKILL, so no orphan keeps serving on the shared socket; True when that is armed. A
+    supervisor already gone before the request took effect gets the same SIGTERM at once."""
+    if sys.platform != "linux":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
+        return False
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def _worker_main(
-    settings: Settings, config_path: Path | None, sock: socket.socket, index: int
+    settings: Settings,
+    config_path: Path | None,
+    sock: socket.socket,
+    supervisor: int,
+    index: int,
 ) -> None:
     """One worker process: the whole gateway on the inherited socket."""
+    die_with_supervisor(supervisor)
     configure_logging(settings.log_level, settings.log_format)
+    settings = worker_settings(settings, index)
     gateway = build_gateway(settings, config_path=config_path)
 
     async def started(bound: int) -> None:
@@ -106,7 +140,7 @@ class _Supervisor:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(
             target=_worker_main,
-            args=(*self._worker_args, index),
+            args=(*self._worker_args, os.getpid(), index),
             name=f"switchyard-worker-{index}",
         )
         proc.start()
@@ -165,6 +199,9 @@ def serve_workers(
     on_bound: Callable[[int], None] | None = None,
 ) -> int:
     """Bind, run ``workers`` processes until SIGINT/SIGTERM, return the exit code."""
+    if settings.autoscaling.enabled and not settings.redis_url:
+        log.warning("autoscaling with %d workers and no redis_url: the leader counts only its"
+                    " own worker's arrivals (set redis_url to share them)", workers)  # fmt: skip
     sock = bind_listener(settings.server.host, settings.server.port)
     if on_bound is not None:
         on_bound(int(sock.getsockname()[1]))

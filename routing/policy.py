@@ -51,11 +51,17 @@ class Policy:
     reads_prefix: bool = field(init=False, default=False)
     """Whether a plugin reads the prompt's block hashes or prefix matches: if none does, the
     gateway skips hashing the prompt and the index lookup (round-robin pays nothing)."""
+    base_scorers: tuple[tuple[Scorer, float], ...] = field(init=False, default=())
+    """The scorers for requests naming no LoRA adapter: those without ``adapter_only``
+    (:class:`routing.scorers.lora.LoraAffinity`), so base-model requests score as if the
+    adapter scorers were not configured."""
 
     def __post_init__(self) -> None:
         plugins = (*self.filters, *(scorer for scorer, _ in self.scorers), self.picker)
         reads = any(getattr(plugin, "reads_prefix", False) for plugin in plugins)
         object.__setattr__(self, "reads_prefix", reads)
+        base = tuple(sw for sw in self.scorers if not getattr(sw[0], "adapter_only", False))
+        object.__setattr__(self, "base_scorers", base)
 
     def choose(
         self,
@@ -75,8 +81,9 @@ class Policy:
             if explain and len(candidates) != before:
                 details.append(f"{flt.name}:kept={len(candidates)}/{before}")
         total = [0.0] * len(candidates)
-        weight_sum = sum(w for _, w in self.scorers) or 1.0
-        for scorer, weight in self.scorers:
+        scorers = self.scorers if req.adapter is not None else self.base_scorers
+        weight_sum = sum(w for _, w in scorers) or 1.0
+        for scorer, weight in scorers:
             for i, value in enumerate(scorer.score(req, candidates)):
                 total[i] += weight * min(1.0, max(0.0, value))
             describe = getattr(scorer, "explain", None) if explain else None

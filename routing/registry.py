@@ -20,13 +20,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from routing.filters import Healthy, NotSaturated, NotSlow, ServesModel
+from routing.filters import Healthy, NotSaturated, NotSlow, ServesAdapter, ServesModel
 from routing.pickers import MaxScorePicker, PowerOfTwoPicker, RandomPicker, RoundRobinPicker
 from routing.policy import Policy
 from routing.scorers.fairness import Fairness
 from routing.scorers.kv_cache import LeastKvCache
 from routing.scorers.latency import LeastLatency
 from routing.scorers.least_request import LeastRequest
+from routing.scorers.lora import LoraAffinity
 from routing.scorers.prefix_cache import PrefixCacheCost
 from routing.scorers.session_affinity import SessionAffinity
 from routing.scorers.token_load import TokenLoad
@@ -67,6 +68,7 @@ def builtin_plugins() -> Plugins:
             "serves-model": ServesModel,
             "saturation": NotSaturated,
             "not-slow": NotSlow,
+            "serves-adapter": ServesAdapter,
         },
         scorers={
             "least-request": LeastRequest,
@@ -76,6 +78,7 @@ def builtin_plugins() -> Plugins:
             "session-affinity": SessionAffinity,
             "prefix-cache": PrefixCacheCost,
             "fairness": Fairness,
+            "lora-affinity": LoraAffinity,
         },
         pickers={
             "max-score": MaxScorePicker,
@@ -86,7 +89,18 @@ def builtin_plugins() -> Plugins:
     )
 
 
+_LORA_WEIGHT = 1.0
+"""Weight of :class:`LoraAffinity` in every built-in policy that scores. ``serves-model``
+already narrows an adapter request to the engines listing it, so among those the scorer
+prefers one where the adapter is active (warm GPU slot) over one where it sits idle by
+0.1 x this weight -- outweighed by a load difference of a tenth of the busiest engine's.
+Base-model requests skip it (``adapter_only``). Profiles may add the ``serves-adapter``
+filter (loading and free-slot engines too) and weigh the scorer as they like."""
+
+
 def _policy(name: str, scorers: tuple[tuple[Scorer, float], ...], picker: Picker) -> Policy:
+    if scorers:  # random and round-robin pickers read no scores
+        scorers = (*scorers, (LoraAffinity(), _LORA_WEIGHT))
     return Policy(name=name, filters=_BASE_FILTERS, scorers=scorers, picker=picker)
 
 

@@ -55,6 +55,7 @@ class EngineState:
     """
 
     __slots__ = (
+        "_adapters",
         "_alpha",
         "_cached",
         "_healthy",
@@ -62,6 +63,8 @@ class EngineState:
         "_in_flight_tokens",
         "_itl",
         "_last_seq",
+        "_loading",
+        "_max_loras",
         "_metrics",
         "_models",
         "_placed",
@@ -99,6 +102,9 @@ class EngineState:
         self._scraped_at: float | None = None
         self._healthy = True
         self._models: frozenset[str] = frozenset()
+        self._adapters: frozenset[str] = frozenset()
+        self._loading: frozenset[str] = frozenset()
+        self._max_loras: int | None = None
         self._cached: EndpointSnapshot | None = None
         # Other gateway replicas' (in_flight, in_flight_tokens, prefill_tokens) here, replaced
         # wholesale by the shared routing state's sync (gateway/sharedstate.py).
@@ -212,9 +218,21 @@ class EngineState:
         """The TTFT EWMA and how many first tokens it has seen."""
         return self._ttft, self._ttft_samples
 
-    def set_models(self, models: frozenset[str]) -> None:
-        if models != self._models:
+    def set_models(self, models: frozenset[str], *, adapters: frozenset[str] | None = None) -> None:
+        """The engine's ``/v1/models`` ids; ``adapters`` the LoRA ones among them (entries
+        with a ``parent``; ``None`` keeps the previous set, less ids no longer served)."""
+        adapters = self._adapters & models if adapters is None else adapters
+        if models != self._models or adapters != self._adapters:
             self._models = models
+            self._adapters = adapters
+            self._cached = None
+
+    def set_lora_slots(self, max_loras: int | None, loading: frozenset[str]) -> None:
+        """The configured LoRA slots (used while the engine exports no ``max_lora``) and the
+        adapters the gateway is loading here now (``EndpointSnapshot.loading_adapters``)."""
+        if max_loras != self._max_loras or loading != self._loading:
+            self._max_loras = max_loras
+            self._loading = loading
             self._cached = None
 
     @property
@@ -242,6 +260,9 @@ class EngineState:
                 prefill_tokens=self._prefill_tokens + r_prefill,
                 block_size=m.block_size,
                 running_adapters=m.running_adapters | m.waiting_adapters,
+                adapters=self._adapters,
+                loading_adapters=self._loading,
+                max_loras=m.max_lora if m.max_lora is not None else self._max_loras,
                 recent_routed=self._recent,
                 recent_placed=self._placed,
                 last_routed_seq=self._last_seq,

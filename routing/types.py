@@ -31,6 +31,9 @@ class RouteRequest:
     block_hashes: tuple[int, ...] = ()
     block_tokens: int = 16
     prefix_blocks: Mapping[str, int] = field(default_factory=dict)
+    tier_blocks: int = 0
+    """Leading blocks of ``block_hashes`` the shared KV tier holds (gateway/kvtier.py): any
+    engine can load them instead of recomputing them (docs/kvtier.md)."""
     session_key: str | None = None
     user: str | None = None
     stream: bool = False
@@ -64,6 +67,15 @@ class EndpointSnapshot:
     """The engine's KV block size in tokens (``vllm:cache_config_info``), when known."""
     running_adapters: frozenset[str] = frozenset()
     """LoRA adapters with requests running or waiting (``vllm:lora_requests_info``)."""
+    adapters: frozenset[str] = frozenset()
+    """LoRA adapters loaded on the engine (``/v1/models`` entries with a ``parent``); also in
+    ``models``. A loaded but idle adapter is here and not in ``running_adapters``."""
+    loading_adapters: frozenset[str] = frozenset()
+    """LoRA adapters the gateway is loading onto this engine right now (not yet in ``models``)."""
+    max_loras: int | None = None
+    """LoRA slots: ``max_lora`` of ``vllm:lora_requests_info`` when scraped, else the configured
+    value (:meth:`routing.state.EngineState.set_lora_slots`); ``None``: unknown (no free-slot
+    claims are made for this engine)."""
     recent_routed: float = 0.0
     """Requests routed here, exponentially decayed per request routed anywhere (window
     :data:`RECENT_WINDOW`), as of ``last_routed_seq``; see :func:`recent_routed_at`. It is
@@ -81,6 +93,13 @@ class EndpointSnapshot:
     slow: bool = False
     """The gateway judged this engine slow: its TTFT EWMA is well above its peers' median
     (:mod:`gateway.outliers`). :class:`routing.filters.NotSlow` avoids it while others remain."""
+
+    @property
+    def free_lora_slots(self) -> int:
+        """LoRA slots neither loaded nor being loaded (0 when ``max_loras`` is unknown)."""
+        if self.max_loras is None:
+            return 0
+        return max(0, self.max_loras - len(self.adapters | self.loading_adapters))
 
     @property
     def load(self) -> int:

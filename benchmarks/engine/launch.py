@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +151,7 @@ def _run(
     port: int,
     model_root: str,
     workdir: Path,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[RunningEngine]:
     log_path = workdir / f"{kind}.log"
     base_url = f"http://127.0.0.1:{port}"
@@ -163,6 +164,7 @@ def _run(
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # own process group: teardown signals only this engine
             cwd=workdir,
+            preexec_fn=preexec_fn,  # e.g. tests.processes.die_with_parent
         )
     try:
         _wait_healthy(proc, base_url, log_path, HEALTH_TIMEOUT_S)
@@ -185,8 +187,11 @@ def start_vllm(
     enable_lora: bool = True,
     extra_env: Mapping[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> Iterator[RunningEngine]:
-    """Start ``vllm.entrypoints.openai.api_server`` from the real-engine venv (eager mode)."""
+    """Start ``vllm.entrypoints.openai.api_server`` from the real-engine venv (eager mode).
+
+    ``preexec_fn`` runs in the child before exec (tests pass ``die_with_parent``)."""
     missing = layout.missing()
     if missing:
         raise EngineStartError(
@@ -221,7 +226,13 @@ def start_vllm(
             *extra_args,
         ]
         with _run(
-            "vllm", argv, env=env, port=port, model_root=str(layout.model_dir), workdir=workdir
+            "vllm",
+            argv,
+            env=env,
+            port=port,
+            model_root=str(layout.model_dir),
+            workdir=workdir,
+            preexec_fn=preexec_fn,
         ) as engine:
             yield engine
 

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -99,7 +99,16 @@ class Proc:
             return ""
 
 
-def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None) -> Proc:
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    preexec_fn: Callable[[], object] | None = None,
+) -> Proc:
+    """``argv`` in its own session, logging to ``log_dir/<name>.log``; ``preexec_fn`` runs in
+    the child before exec (e.g. PR_SET_PDEATHSIG)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with log.open("wb") as fh:
@@ -110,6 +119,7 @@ def spawn(name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | N
             stdin=subprocess.DEVNULL,
             env={**os.environ, **OFFLINE_ENV, **(env or {})},
             start_new_session=True,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 - only where a caller asks for it
         )
     return Proc(name=name, popen=popen, log=log)
 

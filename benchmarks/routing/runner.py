@@ -219,7 +219,7 @@ SHARED_STATE_SERIES = (
     "switchyard_shared_state_sync_seconds_sum",
     'switchyard_shared_state_prefix_records_total{direction="sent"}',
     'switchyard_shared_state_prefix_records_total{direction="received"}',
-    "switchyard_redis_up",
+    "switchyard_redis_healthy_ratio",
 )
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-__all__ = ["BenchRequest", "WorkloadSpec", "generate", "WORKLOADS"]
+__all__ = ["BenchRequest", "PseudoWords", "WorkloadSpec", "generate", "WORKLOADS"]
 
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "po", "da", "fe", "gu", "hi")
 
@@ -120,7 +120,9 @@ WORKLOADS: dict[str, WorkloadSpec] = {
 }
 
 
-class _Text:
+class PseudoWords:
+    """Pseudo-words drawn from ``rng``: ``PseudoWords(random.Random(0)).words(5)``."""
+
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.vocab = _vocab(rng)
@@ -144,7 +146,9 @@ def group_sizes(groups: int, total: int, zipf_s: float) -> list[int]:
     return sizes
 
 
-def _shared_prefix(spec: WorkloadSpec, text: _Text, zipf_s: float = 0.0) -> list[BenchRequest]:
+def _shared_prefix(
+    spec: WorkloadSpec, text: PseudoWords, zipf_s: float = 0.0
+) -> list[BenchRequest]:
     out: list[BenchRequest] = []
     sizes = group_sizes(spec.groups, spec.groups * spec.per_group, zipf_s)
     for g in range(spec.groups):
@@ -166,7 +170,7 @@ def _shared_prefix(spec: WorkloadSpec, text: _Text, zipf_s: float = 0.0) -> list
     return out
 
 
-def _multi_turn(spec: WorkloadSpec, text: _Text) -> list[list[BenchRequest]]:
+def _multi_turn(spec: WorkloadSpec, text: PseudoWords) -> list[list[BenchRequest]]:
     sessions: list[list[BenchRequest]] = []
     shared = text.words(spec.shared_system_words) + " " if spec.shared_system_words else ""
     for s in range(spec.sessions):
@@ -194,7 +198,7 @@ def _multi_turn(spec: WorkloadSpec, text: _Text) -> list[list[BenchRequest]]:
     return sessions
 
 
-def _unique(spec: WorkloadSpec, text: _Text) -> list[BenchRequest]:
+def _unique(spec: WorkloadSpec, text: PseudoWords) -> list[BenchRequest]:
     return [
         BenchRequest(
             idx=0,
@@ -240,7 +244,7 @@ def generate(kind: str, spec: WorkloadSpec, *, rate: float, seed: int = 0) -> li
     """The workload ``kind`` (shared-prefix, multi-turn, unique, mix) at ``rate`` req/s."""
     if rate <= 0:
         raise ValueError("rate must be positive")
-    text = _Text(random.Random(f"{seed}:text"))
+    text = PseudoWords(random.Random(f"{seed}:text"))
     arrivals = random.Random(f"{seed}:{kind}:{rate}:arrivals")
     if kind == "shared-prefix":
         streams = [[r] for r in _shared_prefix(spec, text)]

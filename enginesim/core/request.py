@@ -10,8 +10,11 @@ Output tokens: each request owns a ``random.Random`` seeded with
 on (seed, request id) and never on batching, timing or preemption.  If ``stop_token_ids`` is
 non-empty, ``ignore_eos`` is false and ``u < eos_probability``, the token is
 ``stop_token_ids[0]`` (an EOS) and the request finishes with ``"stop"``; the expected output
-length is then ``min(max_tokens, 1 / eos_probability)``.  Random draws that happen to equal a
-stop id are shifted to the next id, so stops come only from the EOS draw.
+length is then ``min(max_tokens, 1 / eos_probability)``.  Otherwise, with ``text_ids`` given
+and ``u`` in the next ``text_probability`` of the unit interval, the token is
+``text_ids[t % len(text_ids)]`` (punctuation, digits, newlines: pseudo-text that a ``stop``
+sequence can match). Random draws that happen to equal a stop id are shifted to the next id,
+so stops come only from the EOS draw.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class TokenStream:
     Example: ``TokenStream(seed=0, request_id="r1", lo=0, hi=100).next()`` is always the same.
     """
 
-    __slots__ = ("_rng", "_lo", "_hi", "_stop", "_stop_set", "_eos_p")
+    __slots__ = ("_rng", "_lo", "_hi", "_stop", "_stop_set", "_eos_p", "_text", "_text_hi")
 
     def __init__(
         self,
@@ -43,14 +46,20 @@ class TokenStream:
         hi: int,
         stop_token_ids: tuple[int, ...] = (),
         eos_probability: float = 0.0,
+        text_ids: tuple[int, ...] = (),
+        text_probability: float = 0.0,
     ) -> None:
         if hi <= lo:
             raise ValueError("empty output token range")
+        if not 0.0 <= text_probability <= 1.0:
+            raise ValueError("text_probability must be in [0, 1]")
         self._rng = random.Random(xxhash.xxh3_64_intdigest(f"{seed}/{request_id}".encode()))
         self._lo, self._hi = lo, hi
         self._stop = stop_token_ids
         self._stop_set = frozenset(stop_token_ids)
         self._eos_p = eos_probability if stop_token_ids else 0.0
+        self._text = text_ids
+        self._text_hi = self._eos_p + text_probability if text_ids else -1.0
 
     def next(self) -> int:
         """The next token id (an EOS with probability ``eos_probability`` when stops are set)."""
@@ -58,6 +67,8 @@ class TokenStream:
         tok = self._rng.randrange(self._lo, self._hi)
         if u < self._eos_p:
             return self._stop[0]
+        if u < self._text_hi:
+            return self._text[tok % len(self._text)]
         span = self._hi - self._lo
         for _ in range(len(self._stop_set)):
             if tok not in self._stop_set:
@@ -86,6 +97,8 @@ class RequestState:
         "num_preemptions",
         "counted",
         "scheduled",
+        "num_external_tokens",
+        "tier_written",
     )
 
     def __init__(self, req: SimRequest, *, stream: TokenStream, adapter_size: int = 0) -> None:
@@ -109,6 +122,10 @@ class RequestState:
         self.counted = False
         # Whether it was ever scheduled (reported once in ``StepResult.first_scheduled_ids``).
         self.scheduled = False
+        # Of ``num_cached_tokens``, those loaded from the KV tier at first admission.
+        self.num_external_tokens = 0
+        # Leading prompt blocks already in the tier or queued for writing (tier only).
+        self.tier_written = 0
 
     @property
     def num_tokens(self) -> int:

@@ -21,6 +21,16 @@ Each step has a token budget (``max_num_batched_tokens``):
 Prefix-cache counters count a request once, at its first admission: ``queries`` += prompt
 tokens, ``hits`` += cached tokens (re-admissions after preemption are not counted, as vLLM
 files those under separate "preempted" stats).
+
+**KV tier** (``tier`` given): after the local hit, the blocks the tier held
+(``SimRequest.tier_blocks``) beyond it, up to the same ``(num_tokens - 1) // block_size``
+limit, are loaded when :meth:`TierCost.worth_loading` says fetching beats recomputing
+(else the decline is counted). Loaded tokens count as computed; their blocks are allocated
+like new ones and enter the prefix cache when the step ends. vLLM's connector counters
+follow ``Scheduler.schedule``: ``external queries`` += tokens beyond the local hit,
+``external hits`` += tokens loaded, at first admission only. The load time is summed into
+``Scheduled.tier_load_s`` (charged to the step: a synchronous load). Without a tier none of
+this runs (one ``is None`` test per admission).
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from dataclasses import dataclass, field
 from enginesim.core.kv import KVCache
 from enginesim.core.profile import EngineProfile
 from enginesim.core.request import RequestState
+from enginesim.core.tier import TierCost
 
 __all__ = ["Scheduled", "Scheduler"]
 
@@ -42,6 +53,10 @@ class Scheduled:
     items: list[tuple[RequestState, int]] = field(default_factory=list)
     adapters: dict[str, int] = field(default_factory=dict)
     num_preempted: int = 0
+    tier_load_s: float = 0.0
+    # Async tier loads admitted this step: (request, fetch seconds); they hold their blocks,
+    # compute nothing until the load is done (vLLM's WAITING_FOR_REMOTE_KVS).
+    parked: list[tuple[RequestState, float]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -50,15 +65,32 @@ class Scheduler:
     Example: ``s = Scheduler(profile, KVCache(64, 16)); s.add(state); s.schedule()``.
     """
 
-    def __init__(self, profile: EngineProfile, kv: KVCache) -> None:
+    def __init__(
+        self,
+        profile: EngineProfile,
+        kv: KVCache,
+        tier: TierCost | None = None,
+        *,
+        async_load: bool = False,
+    ) -> None:
         self.profile = profile
         self.kv = kv
+        self.tier = tier
+        self.async_load = async_load
+        self.external_queries = 0
+        self.external_hits = 0
+        self.tier_declines = 0
         self.block_size = kv.block_size
         self.running: list[RequestState] = []
         self.waiting: deque[RequestState] = deque()
         self.requests: dict[str, RequestState] = {}
         self.running_adapters: Counter[str] = Counter()
         self.waiting_adapters: Counter[str] = Counter()
+        # Adapters of requests in flight that were scheduled at least once (running, or
+        # preempted back to waiting): all vLLM's ``lora_requests_info`` shows, since vLLM
+        # learns a request's state from the events on its outputs and one still waiting for
+        # its first schedule (e.g. for a LoRA slot) has none.
+        self.scheduled_adapters: Counter[str] = Counter()
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.num_preemptions = 0
@@ -75,10 +107,18 @@ class Scheduler:
         if state in self.running:
             self.running.remove(state)
             self._count(self.running_adapters, state, -1)
+            self._count(self.scheduled_adapters, state, -1)
         elif state in self.waiting:
             self.waiting.remove(state)
             self._count(self.waiting_adapters, state, -1)
+            if state.counted:  # preempted back to waiting
+                self._count(self.scheduled_adapters, state, -1)
         self._release(state)
+
+    def resume(self, state: RequestState) -> None:
+        """An async tier load finished: the request runs from the next schedule on."""
+        self.running.append(state)
+        self._count(self.running_adapters, state, +1)
 
     def finish_running(self, finished: list[RequestState]) -> None:
         """Drop finished running requests in one O(running) pass and free their blocks."""
@@ -87,6 +127,7 @@ class Scheduler:
         for state in finished:
             self.requests.pop(state.request_id, None)
             self._count(self.running_adapters, state, -1)
+            self._count(self.scheduled_adapters, state, -1)
             self._release(state)
 
     # --- scheduling ----------------------------------------------------------------------
@@ -133,8 +174,13 @@ class Scheduler:
                 if len(out.adapters) >= max_loras:
                     skipped.append(self.waiting.popleft())
                     continue
-            hit = self.kv.longest_hit(state.block_hashes, (state.num_tokens - 1) // bs)
-            hit_tokens = len(hit) * bs
+            max_blocks = (state.num_tokens - 1) // bs
+            hit = self.kv.longest_hit(state.block_hashes, max_blocks)
+            local_tokens = len(hit) * bs
+            ext_tokens = declined = 0
+            if self.tier is not None:
+                ext_tokens, declined = self._tier_tokens(state, len(hit), max_blocks)
+            hit_tokens = local_tokens + ext_tokens
             n = min(state.num_tokens - hit_tokens, budget)
             need = -(-(hit_tokens + n) // bs) - len(hit)
             if not self.kv.can_allocate(need, hit):
@@ -145,13 +191,29 @@ class Scheduler:
             state.blocks = hit + new
             state.num_cached_blocks = len(hit)
             state.num_computed = hit_tokens
+            parked = False
+            if self.tier is not None:
+                state.tier_written = max(state.tier_written, hit_tokens // bs)
+                self.tier_declines += declined
+                if ext_tokens and self.async_load:
+                    out.parked.append((state, self.tier.fetch_s(ext_tokens)))
+                    parked = True
+                elif ext_tokens:
+                    out.tier_load_s += self.tier.fetch_s(ext_tokens)
             if not state.counted:
                 state.counted = True
+                self._count(self.scheduled_adapters, state, +1)
                 state.num_cached_tokens = hit_tokens
+                state.num_external_tokens = ext_tokens
                 self.prefix_queries += state.num_tokens
-                self.prefix_hits += hit_tokens
+                self.prefix_hits += local_tokens
+                if self.tier is not None:
+                    self.external_queries += state.num_tokens - local_tokens
+                    self.external_hits += ext_tokens
             self.waiting.popleft()
             self._count(self.waiting_adapters, state, -1)
+            if parked:  # loads first; computes from a later step (Scheduler.resume)
+                continue
             self.running.append(state)
             self._count(self.running_adapters, state, +1)
             self._take(out, state, n)
@@ -160,6 +222,20 @@ class Scheduler:
         return budget
 
     # --- helpers -------------------------------------------------------------------------
+    def _tier_tokens(
+        self, state: RequestState, local_blocks: int, max_blocks: int
+    ) -> tuple[int, int]:
+        """(tokens to load from the tier beyond ``local_blocks``, 1 if the gate declined)."""
+        assert self.tier is not None
+        ext_blocks = min(state.req.tier_blocks, max_blocks) - local_blocks
+        if ext_blocks <= 0:
+            return 0, 0
+        bs = self.block_size
+        tokens = ext_blocks * bs
+        if not self.tier.worth_loading(tokens, local_blocks * bs):
+            return 0, 1
+        return tokens, 0
+
     def _take(self, out: Scheduled, state: RequestState, n: int) -> None:
         out.items.append((state, n))
         adapter = state.req.adapter

@@ -7,7 +7,9 @@ Two implementations of one small :class:`Tokenizer` protocol:
   piece maps to ``n_special + xxh3_64(piece) % (vocab_size - n_special)``.  Equal text gives
   equal ids (what prefix caching needs) and counts are roughly BPE-like (one id per word).
   ``decode`` is *not* the inverse: it renders every ordinary id as a deterministic
-  pseudo-word (``" bako"``), injective per id, so generated ids become readable text.
+  pseudo-word (``" bako"``), injective per id, so generated ids become readable text. The
+  few :data:`TEXT_PIECES` (punctuation, digits, newline) *do* round-trip, so generated
+  text can contain what a ``stop`` sequence names.
 * :class:`HFTokenizer`: a local ``tokenizer.json`` loaded with the ``tokenizers`` package
   (nothing is downloaded), for exact token counts against a real engine.
 
@@ -28,6 +30,7 @@ from kvcache.prompt import message_text, render_chatml
 
 __all__ = [
     "CHATML_SPECIALS",
+    "TEXT_PIECES",
     "ChatCodec",
     "Message",
     "HFTokenizer",
@@ -35,10 +38,19 @@ __all__ = [
     "Tokenizer",
     "chat_prompt",
     "load_tokenizer",
+    "text_piece_ids",
 ]
 
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 """Special tokens of ChatML models; ids 0, 1, 2 in SmolLM2's vocabulary and in HashTokenizer."""
+
+TEXT_PIECES: tuple[str, ...] = (
+    ",", ".", "!", "?", ":", ";", "-", "(", ")", "\n",
+    *(str(d) for d in range(10)),
+    *(f" {d}" for d in range(10)),
+)  # fmt: skip
+"""Pieces the output generator mixes into pseudo-text (``text_piece_ids``): punctuation,
+digits and newlines, the characters ``stop`` sequences usually name."""
 
 _PIECE = re.compile(r"<\|[A-Za-z0-9_]+\|>|\s*\w+|\s*[^\w\s]|\s+")
 _CONSONANTS = "bcdfghjklmnprstvz"
@@ -68,7 +80,7 @@ class HashTokenizer:
     Example: ``HashTokenizer(49152).encode("Hello, world")`` -> three ids, always the same.
     """
 
-    __slots__ = ("_vocab", "_specials", "_special_ids", "_n_special")
+    __slots__ = ("_vocab", "_specials", "_special_ids", "_n_special", "_text")
 
     def __init__(self, vocab_size: int = 49152, specials: Sequence[str] = CHATML_SPECIALS):
         if vocab_size <= len(specials):
@@ -77,6 +89,10 @@ class HashTokenizer:
         self._specials = tuple(specials)
         self._special_ids = {s: i for i, s in enumerate(self._specials)}
         self._n_special = len(self._specials)
+        # Text pieces decode to themselves (first piece wins on a hash collision).
+        self._text: dict[int, str] = {}
+        for piece in TEXT_PIECES:
+            self._text.setdefault(self.token_to_id(piece), piece)
 
     @property
     def vocab_size(self) -> int:
@@ -106,7 +122,8 @@ class HashTokenizer:
                 if not skip_special_tokens:
                     parts.append(self._specials[i])
                 continue
-            parts.append(self._word(i - self._n_special))
+            text = self._text.get(i)
+            parts.append(text if text is not None else self._word(i - self._n_special))
         return "".join(parts)
 
     def token_strs(self, ids: Sequence[int]) -> list[str]:
@@ -172,6 +189,24 @@ def load_tokenizer(path: str | Path | None = None, *, vocab_size: int = 49152) -
     if not p.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {path}")
     return HFTokenizer(p)
+
+
+class _Codec(Protocol):
+    def encode(self, text: str, *, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+def text_piece_ids(codec: _Codec) -> tuple[int, ...]:
+    """Ids of the :data:`TEXT_PIECES` that are one token and decode back to themselves with
+    ``codec`` (a :class:`ChatCodec`): what the core's output stream mixes into its tokens so
+    that pseudo-text holds punctuation and digits (stop sequences can fire)."""
+    out: list[int] = []
+    for piece in TEXT_PIECES:
+        ids = codec.encode(piece, add_special_tokens=False)
+        if len(ids) == 1 and codec.decode(ids) == piece and ids[0] not in out:
+            out.append(ids[0])
+    return tuple(out)
 
 
 Message = Mapping[str, Any] | tuple[str, str]

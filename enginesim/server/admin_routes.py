@@ -46,6 +46,15 @@ def adapter_size_bytes(path: Path) -> int:
     return total
 
 
+def _already_loaded(name: str) -> EngineHTTPError:
+    return EngineHTTPError(
+        400,
+        "InvalidUserInput",
+        f"The lora adapter '{name}' has already been loaded. If you want to load the "
+        "adapter in place, set 'load_inplace' to True.",
+    )
+
+
 def _model_card(rt: EngineRuntime, name: str, root: str, parent: str | None) -> dict[str, Any]:
     return {
         "id": name,
@@ -150,18 +159,20 @@ def build_admin_router(rt: EngineRuntime) -> APIRouter:  # noqa: C901 - a flat l
     async def load_lora(body: LoadLoraRequest) -> Response:
         name, path = body.lora_name, body.lora_path
         if name in rt.adapters and not body.load_inplace:
-            raise EngineHTTPError(
-                400,
-                "InvalidUserInput",
-                f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                "adapter in place, set 'load_inplace' to True.",
-            )
+            raise _already_loaded(name)
         p = Path(path)
         if not await anyio.to_thread.run_sync(p.exists):
             raise EngineHTTPError(
                 404, "NotFoundError", f"Loading lora {name} failed: No adapter found for {path}"
             )
         size = await anyio.to_thread.run_sync(adapter_size_bytes, p)
+        # vLLM's load reads the weights from disk into its CPU LoRA cache before answering:
+        # that read (size / lora_disk_bytes_per_s simulated seconds) is the load's latency.
+        read_s = size / rt.driver.core.profile.lora_disk_bytes_per_s
+        if read_s > 0:
+            await anyio.sleep(read_s / rt.driver.speed)
+        if name in rt.adapters and not body.load_inplace:  # a concurrent load won the race
+            raise _already_loaded(name)
         try:
             if name in rt.adapters:
                 rt.driver.core.unload_adapter(name)

@@ -91,6 +91,7 @@ class EngineDriver:
         slowdown: Callable[[], float] = lambda: 1.0,
         on_events: Callable[[Sequence[KVEvent]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_tier_writes: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
@@ -100,6 +101,7 @@ class EngineDriver:
         self._lora_enabled = core.stats().max_loras > 0  # vLLM's --enable-lora
         self._slowdown = slowdown
         self._on_events = on_events
+        self._on_tier_writes = on_tier_writes
         self._clock = clock
         self._anchor_wall = clock()
         self._anchor_sim = 0.0
@@ -180,6 +182,10 @@ class EngineDriver:
                 return
             if events and self._on_events is not None:
                 self._on_events(events)
+            if self._on_tier_writes is not None:
+                writes = self.core.take_tier_writes()
+                if writes:
+                    self._on_tier_writes(writes)
             end = start + max(0.0, res.duration_s) * max(1.0, self._slowdown())
             self._horizon = end
             await asyncio.sleep(max(0.0, self._wall_at(end) - self._clock()))
@@ -212,7 +218,9 @@ class EngineDriver:
             iteration_tokens += len(out.new_token_ids)
             if out.new_token_ids:
                 if track.first_time is None:
-                    iteration_tokens += track.prompt_len
+                    # vLLM: the prompt tokens computed (not cached) count towards the step.
+                    cached = out.num_cached_tokens or 0
+                    iteration_tokens += track.prompt_len - cached
                     track.first_time = end
                     if track.scheduled is None:  # a core without first_scheduled_ids
                         track.scheduled = max(track.arrival, start)
@@ -220,7 +228,9 @@ class EngineDriver:
                         ttft=end - track.arrival,
                         queue_s=max(0.0, track.scheduled - track.arrival),
                         prefill_s=end - track.scheduled,
-                        cached=out.num_cached_tokens or 0,
+                        cached=cached,
+                        external=out.num_external_cached_tokens or 0,
+                        prompt_tokens=track.prompt_len,
                     )
                 elif track.last_time is not None:
                     m.observe_itl(end - track.last_time)
@@ -231,7 +241,7 @@ class EngineDriver:
                 self._tracks.pop(out.request_id, None)
                 self._record_finish(track, out.finished, end)
             self._put(out.request_id, track, delivery)
-        if iteration_tokens:  # vLLM: prompt tokens of first-token requests + new tokens
+        if iteration_tokens:  # vLLM: computed prompt tokens of first-token requests + new ones
             m.observe_iteration(iteration_tokens)
 
     def _put(self, request_id: str, track: _Track, delivery: Delivery) -> None:

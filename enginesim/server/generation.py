@@ -1,9 +1,11 @@
 """Turning one HTTP request into core requests and text: prompts, limits, stop strings, usage.
 
-One ``SimRequest`` per (prompt, choice). ``run_choice`` feeds a request's token deliveries through
-incremental detokenisation and stop-string matching (holding back ``max(len(stop)) - 1``
-characters while streaming, like vLLM) and sends ``ChoicePiece``s to a memory stream. A request
-that leaves ``run_choice`` unfinished (client gone, task cancelled) is aborted in the core.
+One ``SimRequest`` per (prompt, choice); with ``--kv-tier`` a prompt is looked up in the tier
+once (``tier_lookup``) and its choices share the answer. ``run_choice`` feeds a request's token
+deliveries through incremental detokenisation and stop-string matching (holding back
+``max(len(stop)) - 1`` characters while streaming, like vLLM) and sends ``ChoicePiece``s to a
+memory stream. A request that leaves ``run_choice`` unfinished (client gone, task cancelled) is
+aborted in the core.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "check_context",
     "run_choice",
+    "tier_lookup",
     "usage_json",
 ]
 
@@ -39,16 +42,27 @@ class GenParams:
     stop_token_ids: tuple[int, ...] = ()
     adapter: str | None = None
     cache_salt: str | None = None
+    # Logprobs asked for: alternatives per token (chat ``top_logprobs`` / completions
+    # ``logprobs``); None = no logprobs.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ChoicePiece:
-    """New text for one choice; ``finish_reason`` set on its last piece."""
+    """New text for one choice; ``finish_reason`` (and ``stop_reason``) set on its last piece.
+
+    ``token_ids``: the tokens this piece covers, at positions ``start...`` of the choice's
+    output (their logprobs); ``text_start``: characters of the choice's text sent before it.
+    """
 
     index: int
     text: str
     num_new_tokens: int
     finish_reason: str | None = None
+    token_ids: tuple[int, ...] = ()
+    start: int = 0
+    text_start: int = 0
+    stop_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +72,8 @@ class ChoiceResult:
     num_tokens: int
     num_cached: int
     finish_reason: str
+    token_ids: tuple[int, ...] = ()
+    stop_reason: str | None = None
 
 
 def check_context(rt: EngineRuntime, prompt_len: int, max_tokens: int | None) -> int:
@@ -124,6 +140,18 @@ def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str]
     return best
 
 
+async def tier_lookup(
+    rt: EngineRuntime, prompt_ids: list[int], params: GenParams, *, choices: int
+) -> int:
+    """Leading prompt blocks the KV tier holds (0 without ``--kv-tier``): one lookup for a
+    prompt's ``choices`` (each counts as a lookup, as vLLM's connector asks per child)."""
+    if rt.tier is None:
+        return 0
+    return await rt.tier.lookup(
+        prompt_ids, adapter=params.adapter, cache_salt=params.cache_salt, requests=choices
+    )
+
+
 async def run_choice(
     rt: EngineRuntime,
     *,
@@ -134,8 +162,10 @@ async def run_choice(
     params: GenParams,
     out: ObjectSendStream[ChoicePiece],
     parent: ParentGroup | None = None,
+    tier_blocks: int = 0,
 ) -> ChoiceResult:
-    """Run one choice to its end, streaming pieces to ``out`` (``parent``: its n-group)."""
+    """Run one choice to its end, streaming pieces to ``out`` (``parent``: its n-group;
+    ``tier_blocks``: the prompt's :func:`tier_lookup`)."""
     eos = () if params.ignore_eos else rt.spec.eos_token_ids
     req = SimRequest(
         request_id=request_id,
@@ -146,6 +176,7 @@ async def run_choice(
         ignore_eos=params.ignore_eos,
         cache_salt=params.cache_salt,
         stop_token_ids=tuple(dict.fromkeys((*eos, *params.stop_token_ids))),
+        tier_blocks=tier_blocks,
     )
     queue = rt.driver.submit(req, parent=parent)
     holdback = max((len(s) for s in params.stops), default=1) - 1
@@ -154,7 +185,9 @@ async def run_choice(
     sent = 0
     cached = 0
     finish: str | None = None
+    stop_reason: str | None = None
     text = ""
+    out_ids: list[int] = []
     try:
         while finish is None:
             d = await queue.get()
@@ -162,7 +195,9 @@ async def run_choice(
                 raise RuntimeError(d.error)
             if d.num_cached_tokens is not None:
                 cached = d.num_cached_tokens
+            start = num_tokens
             num_tokens += len(d.token_ids)
+            out_ids.extend(d.token_ids)
             text += detok.add(d.token_ids)
             reason: str | None = d.finished
             hit = _find_stop(text, params.stops, max(0, sent - holdback)) if params.stops else None
@@ -172,17 +207,28 @@ async def run_choice(
                 if reason is None:
                     rt.driver.finish(request_id, "stop")
                 reason = "stop"
+                stop_reason = stop  # vLLM names the stop string that matched
             upto = len(text)
             if reason is None:
                 upto -= holdback
             delta = text[sent:upto] if upto > sent else ""
+            piece = ChoicePiece(
+                index,
+                delta,
+                len(d.token_ids),
+                reason,
+                token_ids=d.token_ids,
+                start=start,
+                text_start=sent,
+                stop_reason=stop_reason,
+            )
             sent = max(sent, upto)
             finish = reason
-            await out.send(ChoicePiece(index, delta, len(d.token_ids), reason))
+            await out.send(piece)
     finally:
         if finish is None:
             rt.driver.finish(request_id, "abort")
-    return ChoiceResult(index, text, num_tokens, cached, finish)
+    return ChoiceResult(index, text, num_tokens, cached, finish, tuple(out_ids), stop_reason)
 
 
 def usage_json(prompt_tokens: int, results: list[ChoiceResult], *, details: bool) -> dict[str, Any]:

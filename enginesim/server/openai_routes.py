@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import orjson
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -26,8 +27,10 @@ from enginesim.server.generation import (
     GenParams,
     check_context,
     run_choice,
+    tier_lookup,
     usage_json,
 )
+from enginesim.server.logprobs import chat_logprobs, completion_logprobs, token_logprobs
 from enginesim.server.protocol import ChatCompletionRequest, CompletionRequest
 from enginesim.server.runtime import EngineRuntime
 from enginesim.server.sampling import verify_sampling
@@ -133,6 +136,7 @@ def _job(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         adapter=adapter,
         cache_salt=body.cache_salt,
+        logprobs=body.logprobs_count(),
     )
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     return _Job(
@@ -157,7 +161,8 @@ async def _run_all(
     job: _Job,
     on_piece: Callable[[ChoicePiece], Awaitable[None]],
 ) -> list[ChoiceResult]:
-    """Run every (prompt, choice) concurrently; pieces go to ``on_piece`` in arrival order."""
+    """Run every (prompt, choice) concurrently; pieces go to ``on_piece`` in arrival order.
+    Each prompt is looked up in the KV tier once, before its choices start."""
     results: list[ChoiceResult] = []
     total = len(job.prompts) * job.n
     send, recv = anyio.create_memory_object_stream[ChoicePiece](max_buffer_size=max(16, total))
@@ -167,6 +172,7 @@ async def _run_all(
         ids: list[int],
         max_tokens: int,
         parent: ParentGroup,
+        tier_blocks: int,
         out: ObjectSendStream[ChoicePiece],
     ) -> None:
         async with out:
@@ -181,8 +187,17 @@ async def _run_all(
                     params=job.params,
                     parent=parent,
                     out=out,
+                    tier_blocks=tier_blocks,
                 )  # fmt: skip
             )
+
+    async def prompt(p: int, ids: list[int], out: MemoryObjectSendStream[ChoicePiece]) -> None:
+        async with out:
+            tier_blocks = await tier_lookup(rt, ids, job.params, choices=job.n)
+            parent = ParentGroup(job.n)  # vLLM's ParentRequest: one per prompt, n children
+            for j in range(job.n):
+                idx = p * job.n + j
+                tg.start_soon(one, idx, ids, job.max_tokens[p], parent, tier_blocks, out.clone())
 
     async def consume(stream: ObjectReceiveStream[ChoicePiece]) -> None:
         async with stream:
@@ -191,9 +206,7 @@ async def _run_all(
 
     async with anyio.create_task_group() as tg, send:
         for p, ids in enumerate(job.prompts):
-            parent = ParentGroup(job.n)  # vLLM's ParentRequest: one per prompt, n children
-            for j in range(job.n):
-                tg.start_soon(one, p * job.n + j, ids, job.max_tokens[p], parent, send.clone())
+            tg.start_soon(prompt, p, ids, send.clone())
         tg.start_soon(consume, recv)
     return sorted(results, key=lambda r: r.index)
 
@@ -211,19 +224,47 @@ def _chunk(job: _Job, choices: list[dict[str, Any]], **extra: Any) -> bytes:
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
-def _piece_chunk(job: _Job, piece: ChoicePiece) -> bytes:
+def _logprobs(
+    rt: EngineRuntime,
+    job: _Job,
+    index: int,
+    token_ids: tuple[int, ...],
+    *,
+    start: int = 0,
+    text_start: int = 0,
+) -> dict[str, Any] | None:
+    """Synthetic logprobs of ``token_ids`` (positions ``start...``) when the request asked."""
+    k = job.params.logprobs
+    if k is None:
+        return None
+    entries = token_logprobs(
+        rt.codec,
+        key=f"{job.response_id}-{index}",
+        start=start,
+        token_ids=token_ids,
+        top=k,
+        vocab_size=rt.spec.vocab_size,
+    )
+    if job.kind == "chat":
+        return chat_logprobs(entries, k)
+    return completion_logprobs(entries, k, text_offset=text_start)
+
+
+def _piece_chunk(rt: EngineRuntime, job: _Job, piece: ChoicePiece) -> bytes:
     """One streamed token's chunk, with the exact keys vLLM 0.32 sends (tests/contract)."""
     last = piece.finish_reason is not None
+    lp = _logprobs(rt, job, piece.index, piece.token_ids, start=piece.start,
+                   text_start=piece.text_start)  # fmt: skip
     choice: dict[str, Any]
     if job.kind == "chat":
-        choice = {"index": piece.index, "delta": {"content": piece.text}, "logprobs": None,
+        choice = {"index": piece.index, "delta": {"content": piece.text}, "logprobs": lp,
                   "finish_reason": piece.finish_reason, "token_ids": None}  # fmt: skip
         if last:
-            choice["stop_reason"] = None
+            choice["stop_reason"] = piece.stop_reason
         extra = {"system_fingerprint": job.fingerprint} if last and not job.include_usage else {}
         return _chunk(job, [choice], **extra)
-    choice = {"index": piece.index, "text": piece.text, "logprobs": None,
-              "finish_reason": piece.finish_reason, "stop_reason": None,
+    choice = {"index": piece.index, "text": piece.text, "logprobs": lp,
+              "finish_reason": piece.finish_reason, "stop_reason": piece.stop_reason,
               "prompt_token_ids": None, "token_ids": None}  # fmt: skip
     return _chunk(job, [choice])
 
@@ -232,18 +273,20 @@ def _streamer(rt: EngineRuntime, job: _Job) -> Callable[[Emit], Awaitable[None]]
     async def produce(emit: Emit) -> None:
         crash_after = rt.faults.faults.crash_mid_stream_after_tokens
         sent_tokens = 0
-        if job.kind == "chat":
-            for i in range(len(job.prompts) * job.n):
-                role = {"index": i, "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None, "finish_reason": None}  # fmt: skip
-                await emit(_chunk(job, [role], prompt_token_ids=None, prompt_text=None))
+        # vLLM 0.32 sends nothing before the first output: then the role delta of every
+        # choice and that output's chunk together (tests/contract: first event = first text).
+        roles_sent = job.kind != "chat"
 
         async def on_piece(piece: ChoicePiece) -> None:
-            nonlocal sent_tokens
+            nonlocal sent_tokens, roles_sent
             if crash_after is not None and sent_tokens >= crash_after:
                 raise StreamCrash
             sent_tokens += piece.num_new_tokens
-            await emit(_piece_chunk(job, piece))
+            data = _piece_chunk(rt, job, piece)
+            if not roles_sent:
+                roles_sent = True
+                data = _role_chunks(job) + data
+            await emit(data)
 
         failure: str | None = None
         results: list[ChoiceResult] = []
@@ -266,19 +309,30 @@ def _streamer(rt: EngineRuntime, job: _Job) -> Callable[[Emit], Awaitable[None]]
     return produce
 
 
-def _full_response(job: _Job, results: list[ChoiceResult]) -> dict[str, Any]:
+def _role_chunks(job: _Job) -> bytes:
+    """The role deltas of every choice, sent with the first output (vLLM 0.32)."""
+    out = b""
+    for i in range(len(job.prompts) * job.n):
+        role = {"index": i, "delta": {"role": "assistant", "content": ""},
+                "logprobs": None, "finish_reason": None}  # fmt: skip
+        out += _chunk(job, [role], prompt_token_ids=None, prompt_text=None)
+    return out
+
+
+def _full_response(rt: EngineRuntime, job: _Job, results: list[ChoiceResult]) -> dict[str, Any]:
     choices: list[dict[str, Any]] = []
     for r in results:
+        lp = _logprobs(rt, job, r.index, r.token_ids)
         if job.kind == "chat":
             message = {"role": "assistant", "content": r.text, "refusal": None,
                        "annotations": None, "audio": None, "function_call": None,
                        "reasoning": None}  # fmt: skip
-            choices.append({"index": r.index, "message": message, "logprobs": None,
-                            "finish_reason": r.finish_reason, "stop_reason": None,
+            choices.append({"index": r.index, "message": message, "logprobs": lp,
+                            "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
                             "token_ids": None, "routed_experts": None})  # fmt: skip
         else:
-            choices.append({"index": r.index, "text": r.text, "logprobs": None,
-                            "finish_reason": r.finish_reason, "stop_reason": None,
+            choices.append({"index": r.index, "text": r.text, "logprobs": lp,
+                            "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
                             "token_ids": None, "prompt_logprobs": None,
                             "prompt_token_ids": None, "routed_experts": None})  # fmt: skip
     out: dict[str, Any] = {
@@ -330,7 +384,7 @@ async def _respond(rt: EngineRuntime, request: Request, job: _Job, stream: bool)
         raise EngineHTTPError(500, "EngineDeadError", str(eg.exceptions[0])) from None
     if results is None:  # the client left; nobody reads this
         return Response(status_code=499)
-    return JSONResponse(_full_response(job, results))
+    return JSONResponse(_full_response(rt, job, results))
 
 
 def build_openai_router(rt: EngineRuntime) -> APIRouter:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "ChatCompletionRequest",
@@ -23,6 +24,9 @@ __all__ = [
     "TokenizeRequest",
     "UnloadLoraRequest",
 ]
+
+
+MAX_STOPS = 4
 
 
 class _Lenient(BaseModel):
@@ -71,6 +75,18 @@ class _Sampling(_Lenient):
     cache_salt: str | None = None
     request_id: str | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        """vLLM 0.32 (OpenAI's limit): at most 4 stop strings, else 400 on ``body.stop``."""
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise PydanticCustomError(
+                "too_long",
+                "List should have at most {max_length} items after validation, not {actual_length}",
+                {"field_type": "List", "max_length": MAX_STOPS, "actual_length": len(v)},
+            )
+        return v
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -85,6 +101,12 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    logprobs: bool | None = False
+    top_logprobs: int | None = 0
+
+    def logprobs_count(self) -> int | None:
+        """Alternatives per token when logprobs are asked for (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def effective_max_tokens(self) -> int | None:
         if self.max_completion_tokens is not None:
@@ -95,6 +117,10 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] | None = None
     echo: bool | None = False
+    logprobs: int | None = None
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else 16

@@ -18,6 +18,7 @@ from enginesim.server.driver import EngineDriver
 from enginesim.server.errors import EngineHTTPError, model_not_found
 from enginesim.server.faults import FaultInjector
 from enginesim.server.kv_events import KVEventPublisher
+from enginesim.server.kvtier import TierClient
 from enginesim.server.metrics import EngineMetrics
 
 __all__ = [
@@ -100,6 +101,7 @@ class EngineRuntime:
     faults: FaultInjector
     listener: ListenerControl | None = None
     kv_publisher: KVEventPublisher | None = None
+    tier: TierClient | None = None
     adapters: dict[str, str] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     http_inflight: int = 0

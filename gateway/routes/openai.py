@@ -1,5 +1,6 @@
 """OpenAI-compatible routes served by FastAPI: the model list (only what the caller's key may
-use: a hidden model is as unknown as a missing one), and ``principal_of`` for FastAPI routes.
+use: a hidden model is as unknown as a missing one; registered LoRA adapters that no engine
+lists yet are included, with ``parent``), and ``principal_of`` for FastAPI routes.
 
 The proxied routes (chat, completions, embeddings) are raw ASGI, in front of FastAPI:
 :mod:`gateway.routes.proxied`.
@@ -40,11 +41,15 @@ def _card_json(card_id: str, raw: dict[str, Any]) -> dict[str, Any]:
 async def list_models(request: Request) -> JSONBytes:
     services = services_of(request)
     principal = principal_of(request, services)
+    catalog = services.endpoints.catalog()
     data = [
         _card_json(model_id, dict(entry.card.raw))
-        for model_id, entry in sorted(services.endpoints.catalog().items())
+        for model_id, entry in sorted(catalog.items())
         if entry.healthy and principal.allows(*entry.card.target())
     ]
+    if services.lora is not None:  # registered adapters loaded nowhere yet, with parent
+        data += services.lora.cards(catalog, principal.allows)
+        data.sort(key=lambda card: str(card.get("id")))
     return JSONBytes({"object": "list", "data": data})
 
 
@@ -52,7 +57,12 @@ async def list_models(request: Request) -> JSONBytes:
 async def get_model(request: Request, model_id: str) -> JSONBytes:
     services = services_of(request)
     principal = principal_of(request, services)
-    entry = services.endpoints.catalog().get(model_id)
+    catalog = services.endpoints.catalog()
+    entry = catalog.get(model_id)
     if entry is None or not entry.healthy or not principal.allows(*entry.card.target()):
+        lora = services.lora
+        for card in lora.cards(catalog, principal.allows) if lora is not None else ():
+            if card["id"] == model_id:
+                return JSONBytes(card)
         raise ModelNotFound(model_id)
     return JSONBytes(_card_json(model_id, dict(entry.card.raw)))

@@ -8,6 +8,12 @@ the model (a LoRA adapter routes as ``adapter`` of its base model), asks
 original bytes. Everything else goes to the FastAPI app unchanged. Errors before the proxy
 starts are OpenAI envelopes (:func:`gateway.errors.send_error`).
 
+With autoscaling enabled, each request is one arrival for the autoscaler
+(:class:`autoscale.arrivals.ArrivalCounter`), counted once it is authenticated, parsed and
+within its limits and quotas -- before the admission wait, so a request later shed, or
+refused because no engine serves its model right now, is demand counted at once; one that
+fails authentication, its limits or validation is not.
+
 Example::
 
     app = ProxiedRoutes(fastapi_app, guard=ConcurrencyGuard(4096), max_body_bytes=4 << 20)
@@ -60,6 +66,8 @@ class ProxiedRoutes:
         started = time.perf_counter()
         services: Services = scope["state"]["services"]
         quota = UNLIMITED
+        principal: Principal | None = None
+        fields: RequestFields | None = None
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed here")
@@ -73,16 +81,35 @@ class ProxiedRoutes:
                 if body is None:
                     return  # the client left while sending its body: nobody will read an answer
                 fields = parse_request(body, kind)
-                model, adapter, listed = _resolve_model(services, fields.model, principal)
+                unserved: NoHealthyEndpoint | None = None
+                try:
+                    model, adapter, listed = _resolve_model(services, fields.model, principal)
+                except NoHealthyEndpoint as exc:  # demand all the same, once within limits
+                    unserved, model, adapter, listed = exc, fields.model, None, False
                 quota = await admit(
                     services.limiter, principal, fields, kind, services.settings.limits
                 )
+                if unserved is not None:
+                    _arrived(services, model, fields)
+                    raise unserved
                 incoming = Incoming(kind, headers, body, started, fields, model, adapter, listed)
-                plan = await _plan(services, incoming, quota, receive, principal.priority)
+                if adapter is not None and services.lora is not None:  # demand, on-demand load
+                    await services.lora.before_route(
+                        adapter, prompt_tokens=fields.prompt_tokens_estimate,
+                        gone=disconnected(receive),
+                    )  # fmt: skip
+                plan = await _plan(services, incoming, quota, receive, principal)
                 await services.proxy.serve(plan, receive, send)
         except GatewayError as exc:  # raised before the proxy answered anything
             quota.refund()  # nothing reached an engine: the reserved tokens go back
             await send_error(send, exc, quota.headers)
+            if services.access_log is not None:
+                services.access_log.refused(
+                    kind=kind, status=exc.status, error=type(exc).__name__,
+                    model=None if fields is None else fields.model,
+                    key_id=None if principal is None else principal.key_id,
+                    duration_s=time.perf_counter() - started,
+                )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +127,7 @@ class Incoming:
 
 
 async def _plan(
-    services: Services, incoming: Incoming, quota: Quota, receive: Receive, priority: int
+    services: Services, incoming: Incoming, quota: Quota, receive: Receive, principal: Principal
 ) -> ProxyPlan:
     fields, headers, body = incoming.fields, incoming.headers, incoming.body
     strip_usage = quota.meters_tokens and fields.stream and not fields.include_usage
@@ -108,6 +135,7 @@ async def _plan(
         body = with_include_usage(fields.document)  # settle on the engine's usage; hidden
     routing = services.settings.routing
     policy = services.router.policy(_text(headers.get(ROUTING_HEADER.encode())))
+    _arrived(services, incoming.model, fields)  # before any wait: once, however it ends
     route = partial(
         services.router.route,
         incoming.kind,
@@ -122,7 +150,10 @@ async def _plan(
     if admission.active:  # concurrency caps: wait for room (by priority) or get a 503
         want = incoming.adapter or incoming.model
         routed = await admission.admit(
-            route, priority=priority, has_room=admission.room_for(want), gone=disconnected(receive)
+            route,
+            priority=principal.priority,
+            has_room=admission.room_for(want),
+            gone=disconnected(receive),
         )
     else:
         routed = await route()
@@ -140,7 +171,17 @@ async def _plan(
         response_headers=quota.headers,
         strip_usage=strip_usage,
         on_finish=quota.settlement,
+        key_id=principal.key_id,
     )
+
+
+def _arrived(services: Services, model: str, fields: RequestFields) -> None:
+    """One arrival for the autoscaler (nothing when autoscaling is disabled)."""
+    arrivals = services.router.arrivals
+    if arrivals is not None:
+        arrivals.arrived(
+            model, prompt_tokens=fields.prompt_tokens_estimate, max_tokens=fields.max_tokens
+        )
 
 
 def _resolve_model(
@@ -157,6 +198,11 @@ def _resolve_model(
         if not principal.allows(base, adapter):
             raise ModelNotFound(model)
         return base, adapter, True
+    spec = services.lora.adapters.get(model) if services.lora is not None else None
+    if spec is not None:  # registered, loaded nowhere yet: loaded on demand before routing
+        if not principal.allows(spec.base_model, spec.name):
+            raise ModelNotFound(model)
+        return spec.base_model, spec.name, True
     if principal.models is not None and model not in principal.models:
         raise ModelNotFound(model)
     healthy = [state for state in endpoints if state.healthy]

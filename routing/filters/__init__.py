@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from routing.filters.basic import Healthy, ServesModel
+from routing.filters.lora import ServesAdapter
 from routing.filters.saturation import NotSaturated
 from routing.filters.slow import NotSlow
 
-__all__ = ["Healthy", "NotSaturated", "NotSlow", "ServesModel"]
+__all__ = ["Healthy", "NotSaturated", "NotSlow", "ServesAdapter", "ServesModel"]

@@ -11,7 +11,13 @@ For each endpoint the expected time to first token is estimated as::
 
 * ``uncached_prompt_tokens`` = prompt tokens minus the leading blocks the prefix index says
   the endpoint holds (``RouteRequest.prefix_blocks`` x ``block_tokens``) -- the work a cache
-  hit saves;
+  hit saves -- and minus the blocks beyond those that the shared KV tier holds
+  (``RouteRequest.tier_blocks``, docs/kvtier.md): every engine can load those instead, so
+  they cost ``tier_s_per_token`` each (the fetch; no recompute externality) in place of
+  ``(1 + recompute_weight) * prefill_s_per_token``. Once the tier holds a prefix, the
+  engines differ only by what the fetch saves over it, and load and balance decide: routing
+  stops trading load balance for locality. (An engine's connector fetches only when that
+  beats recomputing -- the break-even gate -- so the cost is capped at the recompute cost.);
 * ``queued_prefill_tokens`` (gateway counter, :mod:`routing.state`) is prefill work already
   sent there that has not produced a first token -- the queue we would wait behind;
 * ``load`` (in flight, or the engine's running + waiting) slows every step by batching;
@@ -53,7 +59,8 @@ the picker's seq-derived tie-break, so unique prompts spread like least-request 
 piling onto one engine (the failure of the peers' ``cache_aware`` at low concurrency).
 
 Defaults are Llama-3-8B on A100 priors (prefill ~86 ms per 1K tokens,
-autoscaling-and-gpus.md §8); only the ratios matter for ranking.
+autoscaling-and-gpus.md §8; the tier fetch at 128 KiB per token over ~3 GB/s of Redis
+bandwidth, ~43 us per token); only the ratios matter for ranking.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class CostEstimate:
     load_s: float
     kv_s: float
     balance_s: float = 0.0
+    tier_tokens: int = 0
 
     @property
     def total_s(self) -> float:
@@ -89,7 +97,8 @@ class CostEstimate:
 
     def describe(self) -> str:
         return (
-            f"{self.endpoint}:hit={self.cached_tokens},miss={self.uncached_tokens},"
+            f"{self.endpoint}:hit={self.cached_tokens},tier={self.tier_tokens},"
+            f"miss={self.uncached_tokens},"
             f"queue={self.queue_s * 1e3:.1f}ms,load={self.load_s * 1e3:.1f}ms,"
             f"kv={self.kv_s * 1e3:.1f}ms,balance={self.balance_s * 1e3:.1f}ms"
         )
@@ -104,6 +113,7 @@ class PrefixCacheCost:
     ``RouteRequest.block_hashes`` / ``prefix_blocks`` (:attr:`routing.Policy.reads_prefix`)."""
 
     prefill_s_per_token: float = 9e-5
+    tier_s_per_token: float = 4.3e-5
     decode_s_per_request: float = 2e-3
     recompute_weight: float = 1.0
     kv_threshold: float = 0.8
@@ -114,7 +124,12 @@ class PrefixCacheCost:
     name: str = "prefix-cache"
 
     def __post_init__(self) -> None:
-        costs = (self.prefill_s_per_token, self.decode_s_per_request, self.recompute_weight)
+        costs = (
+            self.prefill_s_per_token,
+            self.decode_s_per_request,
+            self.recompute_weight,
+            self.tier_s_per_token,
+        )
         if min(*costs, self.balance_s, self.placement_s) < 0:
             raise ValueError("costs must be >= 0")
         if not 0.0 <= self.kv_threshold < 1.0:
@@ -126,14 +141,18 @@ class PrefixCacheCost:
         """``imbalance_s``: the cost of sticky work held beyond a fair share (module doc)."""
         prompt = max(req.prompt_tokens, len(req.block_hashes) * req.block_tokens)
         cached = min(prompt, req.prefix_blocks.get(ep.id, 0) * req.block_tokens)
-        uncached = prompt - cached
+        tier = max(0, min(prompt, req.tier_blocks * req.block_tokens) - cached)
+        uncached = prompt - cached - tier
+        recompute_s = (1.0 + self.recompute_weight) * self.prefill_s_per_token
         pressure = max(0.0, ep.kv_usage - self.kv_threshold) / (1.0 - self.kv_threshold)
         return CostEstimate(
             endpoint=ep.id,
             cached_tokens=cached,
             uncached_tokens=uncached,
-            queue_s=(max(0, ep.prefill_tokens) + (1.0 + self.recompute_weight) * uncached)
-            * self.prefill_s_per_token,
+            tier_tokens=tier,
+            queue_s=max(0, ep.prefill_tokens) * self.prefill_s_per_token
+            + uncached * recompute_s
+            + tier * min(self.tier_s_per_token, recompute_s),
             load_s=ep.load * self.decode_s_per_request,
             kv_s=self.kv_penalty_s * min(1.0, pressure),
             balance_s=max(0.0, imbalance_s),

@@ -11,9 +11,14 @@ import argparse
 import shutil
 from pathlib import Path
 
+DEFAULT_TARGETS = ("q_proj", "v_proj")
 
-def make_lora(base: Path, out: Path, *, seed: int = 0) -> None:
-    """Write a random rank-8 adapter for ``base`` into ``out`` (adapter_config + safetensors)."""
+
+def make_lora(
+    base: Path, out: Path, *, seed: int = 0, targets: tuple[str, ...] = DEFAULT_TARGETS
+) -> None:
+    """Write a random rank-8 adapter for ``base`` into ``out`` (adapter_config + safetensors);
+    ``seed`` fixes its weights, ``targets`` the projections it adapts."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -23,7 +28,7 @@ def make_lora(base: Path, out: Path, *, seed: int = 0) -> None:
     config = LoraConfig(
         r=8,
         lora_alpha=16,
-        target_modules=["q_proj", "v_proj"],
+        target_modules=list(targets),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
@@ -41,8 +46,12 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module names"
+    )
     args = parser.parse_args()
-    make_lora(args.base, args.out, seed=args.seed)
+    targets = tuple(t for t in args.targets.split(",") if t)
+    make_lora(args.base, args.out, seed=args.seed, targets=targets)
     print(f"wrote {sorted(p.name for p in args.out.iterdir())}")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from benchmarks.engine.launch import (
@@ -111,3 +112,22 @@ def engine(
         failure = f"{kind} engine did not start: {exc}"
     if failure is not None:
         pytest.fail(failure, pytrace=False)
+
+
+@pytest.fixture
+def http(engine: ContractEngine) -> Iterator[httpx.Client]:
+    """An httpx client on the engine (closed after the test)."""
+    with engine.client() as client:
+        yield client
+
+
+@pytest.fixture
+def sdk(engine: ContractEngine) -> Iterator[openai.OpenAI]:
+    """The openai SDK on the engine: 120 s timeout, no retries (a retry would hide a failure)."""
+    client = openai.OpenAI(
+        base_url=engine.base_url + "/v1", api_key="unused", timeout=120.0, max_retries=0
+    )
+    try:
+        yield client
+    finally:
+        client.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -34,23 +34,6 @@ from tests.contract.helpers import (
 pytestmark = pytest.mark.real_engine
 
 CHAT_HELLO = [{"role": "user", "content": "Hello"}]
-
-
-@pytest.fixture
-def http(engine: ContractEngine) -> Iterator[httpx.Client]:
-    with engine.client() as client:
-        yield client
-
-
-@pytest.fixture
-def sdk(engine: ContractEngine) -> Iterator[openai.OpenAI]:
-    client = openai.OpenAI(
-        base_url=engine.base_url + "/v1", api_key="unused", timeout=120.0, max_retries=0
-    )
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def _model_cards(http: httpx.Client) -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.ports import free_port
+from benchmarks.ports import free_port_block
 from tests.gateway.servers import wait_until
 from tests.processes import die_with_parent, reap
 from tests.redis_server import RedisServer
@@ -34,6 +34,15 @@ TPM_KEY = "sk-edge-tpm-0123456789"
 OUTAGE_KEY = "sk-edge-outage-0123456"
 ADMIN_KEY = "sk-edge-admin-01234567"
 RPM, TPM, OUTAGE_RPM = 100, 10_000, 40
+# The replicas' shared routing state (gateway/sharedstate.py): each one heartbeats at its
+# first sync, made as its lifespan starts (before it prints its URL), then every
+# SYNC_INTERVAL_S; it counts the replicas heard from within liveness = max(1 s, 5 intervals);
+# a link that timed out under load is probed again every RETRY_S. So both count 2 within
+# about LIVENESS_S + RETRY_S of the second one's start; the wait allows 30x that (as long as
+# the two 30 s waits it replaces): on a loaded host each /ready poll may itself take seconds.
+SYNC_INTERVAL_S, RETRY_S = 0.05, 1.0
+LIVENESS_S = max(1.0, 5 * SYNC_INTERVAL_S)
+FLEET_WAIT_S = 30 * (LIVENESS_S + RETRY_S)
 
 
 @dataclass
@@ -85,7 +94,7 @@ def _start_replica(config: Path, log: Path) -> Replica:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     tmp = tmp_path_factory.mktemp("edge")
-    base = free_port()
+    base = free_port_block(2)  # both engines' ports (a kernel pick's neighbour may be taken)
     sim = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "enginesim", "--engines", "2", "--base-port", str(base),
          "--speed", "50"],
@@ -110,12 +119,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 "server": {"access_log": False},
                 "health": {"interval_s": 0.2, "fail_threshold": 2, "success_threshold": 1},
                 "routing": {"policy": "least-request"},
+                "redis": {"sync_interval_s": SYNC_INTERVAL_S, "retry_s": RETRY_S},
             }
             path = tmp / "switchyard.yaml"
             path.write_text(yaml.safe_dump(config))
             replicas = [_start_replica(path, tmp / f"gw{i}.log") for i in range(2)]
-            for replica in replicas:
-                assert wait_until(lambda r=replica: _replicas_seen(r) == 2, timeout=30)
+            _wait_for_each_other(replicas)
             yield Fleet(redis, engines, replicas)
         finally:
             for replica in replicas:
@@ -135,9 +144,33 @@ def _ready(replica: Replica) -> dict[str, Any]:
     return body
 
 
-def _replicas_seen(replica: Replica) -> int:
-    shared = _ready(replica).get("redis", {})
-    return int(shared.get("replicas", 0))
+def _wait_for_each_other(replicas: list[Replica]) -> None:
+    """Until every replica counts them all (bounded, see FLEET_WAIT_S). A /ready poll that
+    times out on a loaded host is polled again; a replica that exited, or the bound, fails
+    with what each replica's /ready said and the end of its log."""
+    seen: dict[str, Any] = {}
+
+    def everyone() -> bool:
+        for replica in replicas:
+            assert replica.proc.poll() is None, _fleet_report(replicas, seen)
+            try:
+                seen[replica.url] = _ready(replica).get("redis")
+            except httpx.TransportError as exc:
+                seen[replica.url] = repr(exc)
+        return all(
+            isinstance(shared, dict) and shared.get("replicas") == len(replicas)
+            for shared in seen.values()
+        )
+
+    assert wait_until(everyone, timeout=FLEET_WAIT_S, interval=0.1), _fleet_report(replicas, seen)
+
+
+def _fleet_report(replicas: list[Replica], seen: dict[str, Any]) -> str:
+    return "\n".join(
+        f"{r.url} (exit {r.proc.poll()}): /ready redis {seen.get(r.url)}\n"
+        f"{r.log.read_text(errors='replace')[-1500:]}"
+        for r in replicas
+    )
 
 
 async def _burst(fleet: Fleet, key: str, n: int, body: dict[str, Any]) -> list[httpx.Response]:
@@ -213,7 +246,7 @@ def test_redis_outage_local_fair_share_then_shared_again(fleet: Fleet) -> None:
         assert len(ok) == OUTAGE_RPM
         assert _served(fleet.engines)[0] - before == len(ok)
         metrics = httpx.get(f"{fleet.replicas[0].url}/metrics", timeout=5).text
-        assert "switchyard_redis_up 0.0" in metrics
+        assert "switchyard_redis_healthy_ratio 0.0" in metrics
     finally:
         fleet.redis.start()
     for replica in fleet.replicas:

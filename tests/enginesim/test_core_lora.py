@@ -77,13 +77,14 @@ def test_engine_charges_swap_once_and_caps_adapters_per_batch() -> None:
     core.add_request(_req("base", 3))  # may overtake rb: it needs no adapter
     s = core.stats()
     assert (s.running_adapters, s.waiting_adapters) == ((), ("a", "b"))
-    assert s.loaded_adapters == ("a", "b")
+    assert s.loaded_adapters == ("a", "b") and s.scheduled_adapters == ()
 
     res = core.step(0.0)  # prefill ra + base (6 tokens) + swap a in
     assert sorted(o.request_id for o in res.outputs) == ["base", "ra"]
     assert res.duration_s == 0.5 + 6 * 0.25 + 0.5
     s = core.stats()
     assert (s.running_adapters, s.waiting_adapters, s.num_waiting) == (("a",), ("b",), 1)
+    assert s.scheduled_adapters == ("a",)  # b never scheduled: vLLM does not list it
 
     res = core.step(0.0)  # two decodes, a already resident: no swap; ra finishes
     assert res.duration_s == 0.5 + 2 * 0.125
@@ -95,7 +96,21 @@ def test_engine_charges_swap_once_and_caps_adapters_per_batch() -> None:
     res = core.step(0.0)
     assert res.duration_s == 0.5 + 0.125  # base finished last step; rb decodes, b resident
     assert not core.has_work() and core.lora.swap_ins == 2
-    assert core.stats().running_adapters == ()
+    assert core.stats().running_adapters == core.stats().scheduled_adapters == ()
+
+
+def test_scheduled_adapters_follow_aborts() -> None:
+    core = EngineCore(_profile())
+    core.load_adapter("a", size_bytes=0)
+    core.load_adapter("b", size_bytes=0)
+    core.add_request(_req("ra", 5, "a"))
+    core.add_request(_req("rb", 5, "b"))
+    core.step(0.0)
+    assert core.stats().scheduled_adapters == ("a",)
+    core.abort_request("rb")  # waiting, never scheduled
+    assert core.stats().scheduled_adapters == ("a",)
+    core.abort_request("ra")  # running
+    assert core.stats().scheduled_adapters == ()
 
 
 def test_unload_keeps_queued_requests_running() -> None:
@@ -134,3 +149,21 @@ def test_lora_quadratic_term_counts_all_adapter_tokens_of_the_step() -> None:
     assert res.duration_s == 0.5 + 6 * 0.25 + 0.125 * 6 * 6 / 2
     res = core.step(0.0)  # two adapter decodes: L = 2
     assert res.duration_s == 0.5 + 2 * 0.125 + 0.125 * 2 * 2 / 2
+
+
+def test_a_preempted_request_keeps_its_adapter_scheduled() -> None:
+    core = EngineCore(_profile(max_loras=2, num_gpu_blocks=6))
+    core.load_adapter("a", size_bytes=0)
+    core.load_adapter("b", size_bytes=0)
+    core.add_request(SimRequest("ra", tuple(range(1, 9)), 10, 0.0, adapter="a", ignore_eos=True))
+    core.add_request(SimRequest("rb", tuple(range(11, 19)), 10, 0.0, adapter="b", ignore_eos=True))
+    for _ in range(20):  # 6 blocks hold 2 x 12 tokens: then rb (newest) is preempted
+        core.step(0.0)
+        if core.stats().num_preemptions:
+            break
+    s = core.stats()
+    assert s.num_preemptions == 1
+    assert (s.running_adapters, s.waiting_adapters) == (("a",), ("b",))
+    assert s.scheduled_adapters == ("a", "b")  # vLLM still lists a preempted request's
+    core.abort_request("rb")
+    assert core.stats().scheduled_adapters == ("a",)

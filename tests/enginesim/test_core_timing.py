@@ -76,6 +76,7 @@ def test_shipped_profiles_load_and_gpu_priors_match_reference() -> None:
     assert available_profiles() == [
         "cpu-smollm2",
         "llama3-8b-a100",
+        "llama3-8b-a100-bench",  # benchmarks/autoscale: A100 timing, 512-token prefill chunks
         "llama3-8b-a10g",
         "llama3-8b-h100",
         "llama3-8b-l4",

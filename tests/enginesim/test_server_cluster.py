@@ -122,3 +122,18 @@ def test_server_modules_export_only_what_exists(module: str) -> None:
     exported = getattr(mod, "__all__", None)
     assert exported, f"{module} has no __all__"
     assert [n for n in exported if not hasattr(mod, n)] == []
+
+
+@pytest.mark.anyio
+async def test_start_engine_runs_one_engine_until_its_context_exits() -> None:
+    from enginesim.cluster import start_engine
+
+    cfg = ClusterConfig(base_port=0, speed=50.0, model=MODEL, cold_start_s=1000.0)
+    async with start_engine(cfg, index=3) as engine:
+        assert engine.index == 3
+        assert not engine.runtime.is_ready()  # its own cold start
+        async with httpx.AsyncClient(base_url=engine.url) as client:
+            assert (await client.get("/health")).status_code == 503
+    async with httpx.AsyncClient(base_url=engine.url) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get("/health", timeout=2.0)

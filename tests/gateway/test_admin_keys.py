@@ -295,7 +295,7 @@ def test_no_secret_in_logs_metrics_or_error_bodies(
     assert {r.status_code for r in errors} >= {401, 403, 404, 405}
     metrics = client.get(f"{gw.url}/metrics").text
     assert "switchyard_auth_failures_total" in metrics
-    assert "switchyard_redis_up 1.0" in metrics
+    assert "switchyard_redis_healthy_ratio 1.0" in metrics
 
     logged = caplog.text + "".join(repr(r.args) for r in caplog.records)
     assert f"api key {issued['id']} rotated" in logged  # the gateway's logs were captured

@@ -89,12 +89,12 @@ class Rig:
 
     def shed(self, reason: str) -> float:
         value = self.metrics.registry.get_sample_value(
-            "switchyard_admission_shed_total", {"reason": reason}
+            "switchyard_admission_shed_requests_total", {"reason": reason}
         )
         return value or 0.0
 
     def depth(self) -> float | None:
-        return self.metrics.registry.get_sample_value("switchyard_admission_queue_depth")
+        return self.metrics.registry.get_sample_value("switchyard_admission_queued_requests")
 
 
 @pytest.mark.anyio
@@ -407,7 +407,7 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
 ) -> None:
     ((engine, srv),) = start_engines(1, ttft=2.0)
     gw = start_gateway([srv.url], admission={"max_per_engine": 1, "queue_timeout_s": 30.0})
-    left = 'switchyard_admission_shed_total{reason="disconnect"} 1.0'
+    left = 'switchyard_admission_shed_requests_total{reason="disconnect"} 1.0'
     with httpx.Client(timeout=30.0) as client, ThreadPoolExecutor(1) as pool:
         busy = pool.submit(_chat, client, gw.url)
         assert wait_until(lambda: engine.running == 1)
@@ -416,5 +416,5 @@ def test_a_client_that_leaves_while_waiting_leaves_the_queue(
         assert wait_until(lambda: left in client.get(f"{gw.url}/metrics").text)
         assert busy.result().status_code == 200
         metrics = client.get(f"{gw.url}/metrics").text
-    assert "switchyard_admission_queue_depth 0.0" in metrics
+    assert "switchyard_admission_queued_requests 0.0" in metrics
     assert engine.requests == 1  # the one that left never reached the engine

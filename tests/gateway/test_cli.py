@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -132,6 +133,36 @@ def test_serve_workers_share_the_port_restart_and_stop(
         assert not _alive(pids[1]) and not _alive(restarted[0])
     finally:
         reap(proc)
+
+
+def test_workers_die_with_a_killed_supervisor(start_engines: StartEngines, tmp_path: Path) -> None:
+    """SIGKILL gives the supervisor no chance to stop its workers: the kernel does
+    (PR_SET_PDEATHSIG, gateway.workers.die_with_supervisor), so none keeps the port."""
+    ((_engine, srv),) = start_engines(1)
+    config = tmp_path / "switchyard.yaml"
+    config.write_text(f"log_level: INFO\nengines:\n  - url: {srv.url}\n")
+    proc = serve_workers(config, 2)
+    pids: dict[int, int] = {}
+    try:
+        _read_url(proc)
+        pids = _worker_pids(proc, 2)
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not any(_running(pid) for pid in pids.values()), timeout=20)
+    finally:
+        for pid in pids.values():  # only if the assertion failed: never leave them behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reap(proc)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whatever init this machine has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_serve_rejects_a_bad_config(tmp_path: Path) -> None:

@@ -274,7 +274,8 @@ def test_all_engines_dead_gives_503_then_recovers(cluster: Cluster) -> None:
         engine.faults(dead=True)
     try:
         ready = f"{cluster.gateway.url}/ready"
-        assert wait_until(lambda: httpx.get(ready).status_code == 503)
+        assert wait_until(lambda: httpx.get(ready).json()["healthy_engines"] == 0)
+        assert httpx.get(ready).status_code == 200  # still ready: it answers the 503s below
         with _sdk(cluster) as client, pytest.raises(openai.InternalServerError) as err:
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
         assert err.value.status_code == 503
@@ -282,7 +283,8 @@ def test_all_engines_dead_gives_503_then_recovers(cluster: Cluster) -> None:
     finally:
         for engine in cluster.engines:
             engine.faults(clear=True)
-    assert wait_until(lambda: httpx.get(f"{cluster.gateway.url}/ready").status_code == 200)
+    n = len(cluster.engines)
+    assert wait_until(lambda: httpx.get(ready).json()["healthy_engines"] == n)
 
 
 def test_counters_do_not_drift_under_mixed_traffic(cluster: Cluster) -> None:

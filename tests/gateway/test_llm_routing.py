@@ -268,7 +268,7 @@ def test_config_profile_debug_header_and_unknown_policy(sim: Sim) -> None:
         metrics = client.get(f"{gw.url}/metrics").text
         assert (_metric(metrics, "switchyard_routing_decisions_total", policy="sticky",
                         outcome="hit") or 0) >= 1  # fmt: skip
-        assert "switchyard_routing_prefix_hit_blocks_bucket" in metrics
+        assert "switchyard_routing_prefix_hit_blocks_total{" in metrics
 
 
 def test_scraper_fills_waiting_and_kv_usage(tmp_path: Path) -> None:

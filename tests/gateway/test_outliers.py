@@ -325,7 +325,7 @@ def test_failing_engine_is_ejected_then_readmitted_after_it_heals(
             assert bad.requests == hits  # the same ejection throughout: no request reached it
         assert [r.status_code for r in answers] == [200] * 10
         metrics = client.get(f"{gw_url}/metrics").text
-        assert f'switchyard_outlier_ejected{{endpoint="{bad_url[7:]}"}} 1.0' in metrics
+        assert f'switchyard_endpoint_ejected_ratio{{endpoint="{bad_url[7:]}"}} 1.0' in metrics
         assert f'switchyard_outlier_ejections_total{{endpoint="{bad_url[7:]}"}}' in metrics
 
         bad.status = None  # healed: the half-open probe succeeds and readmits it
@@ -356,7 +356,7 @@ def test_retry_storm_stays_within_the_budget(
     assert [r.status_code for r in answers] == [500] * n  # the engine's own error, at once
     assert n <= attempts <= n * (1 + ratio) + floor
     exhausted = [line for line in metrics.splitlines()
-                 if line.startswith("switchyard_retry_budget_exhausted_total")]  # fmt: skip
+                 if line.startswith("switchyard_proxy_refused_retries_total")]  # fmt: skip
     assert float(exhausted[0].split()[-1]) >= n - (attempts - n)
 
 
@@ -379,5 +379,5 @@ def test_slow_engine_is_avoided_and_shown(
             assert _chat(client, gw_url, stream=True).status_code == 200
         assert slow.requests == served  # avoided while the fast one serves
         metrics = client.get(f"{gw_url}/metrics").text
-    assert f'switchyard_engine_slow{{endpoint="{slow_url[7:]}"}} 1.0' in metrics
-    assert f'switchyard_engine_slow{{endpoint="{fast_url[7:]}"}} 0.0' in metrics
+    assert f'switchyard_endpoint_slow_ratio{{endpoint="{slow_url[7:]}"}} 1.0' in metrics
+    assert f'switchyard_endpoint_slow_ratio{{endpoint="{fast_url[7:]}"}} 0.0' in metrics

@@ -27,6 +27,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
+from autoscale.arrivals import ArrivalCounter
 from gateway.errors import Unauthorized
 from gateway.keys import KeySpec, KeyStore
 from gateway.ratelimit import RateLimiter
@@ -290,8 +291,11 @@ async def test_a_key_created_on_one_store_is_accepted_by_another(deployment: Dep
 @pytest.mark.anyio
 async def test_two_replicas_share_routing_state(deployment: Deployment) -> None:
     async with build_replicas(deployment.url, key_prefix="rs:") as (a, b):
+        a.router.arrivals, b.router.arrivals = ArrivalCounter(), ArrivalCounter()  # autoscaling
+        b.router.arrivals.arrived("m", prompt_tokens=10, max_tokens=1)
         await sync_by_hand(a, b, a)
         assert shared_state(a).replicas() == 2 == shared_state(b).replicas()
+        assert shared_state(a).read_arrivals("m").totals[shared_state(b).replica_id].requests == 1
         engine_a, engine_b = a.endpoints.get("e0"), b.endpoints.get("e0")
         assert engine_a is not None and engine_b is not None
         lease = engine_a.lease(prompt_tokens=300, max_tokens=20)  # in flight on A ...

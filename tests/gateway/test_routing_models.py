@@ -112,7 +112,8 @@ def test_unhealthy_engine_leaves_and_returns(
     for _ in range(4):
         assert _served_by(client.post(f"{gw.url}/v1/chat/completions", json=CHAT)) != sick_host
     assert sick.requests == before
-    assert client.get(f"{gw.url}/ready").status_code == 200  # the other one is fine
+    ready = client.get(f"{gw.url}/ready")
+    assert ready.status_code == 200 and ready.json()["healthy_engines"] == 1  # the other one
     sick.health_status = 200
     assert wait_until(lambda: health_of(sick_host) == "healthy")
     seen = {_served_by(client.post(f"{gw.url}/v1/chat/completions", json=CHAT)) for _ in range(4)}
