@@ -7,11 +7,12 @@ Both engines run with ``max_loras`` 2 and ``max_cpu_loras`` 2 (vLLM's default: e
   ``/v1/models``, each serves); vLLM evicts the least recently used from its CPU cache and
   re-reads it from disk when next used, so the cap costs latency, never availability;
 * requests for more distinct adapters than ``max_loras`` wait (``num_requests_waiting``)
-  until a request of another adapter finishes, then run. ``vllm:lora_requests_info`` lists
-  the same adapters under its running and waiting labels -- those with a request in flight
-  that was scheduled at least once -- so an adapter whose requests all wait for a slot is
-  not listed at all (vLLM 0.32 learns request states from the events on their outputs): the
-  gateway must count what it sent, not read demand for slots from this metric;
+  until a request of another adapter finishes or is aborted (its client leaves), then run.
+  ``vllm:lora_requests_info`` lists the same adapters under its running and waiting labels
+  -- those with a request in flight that was scheduled at least once -- so an adapter whose
+  requests all wait for a slot is not listed at all (vLLM 0.32 learns request states from
+  the events on their outputs): the gateway must count what it sent, not read demand for
+  slots from this metric;
 * unloading an adapter never fails the requests already running or queued for it: they
   finish; new requests for it get 404 at once, and it can be loaded again.
 """
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.real_engine
 
 MAX_LORAS = 2
 WAIT_S = 120.0
+HOLD_TOKENS = 1500  # prompt + 1500 < max_model_len 2048; minutes of decoding on CPU
 
 
 def _models(http: httpx.Client) -> dict[str, dict[str, Any]]:
@@ -75,19 +77,27 @@ def _complete(http: httpx.Client, model: str, max_tokens: int) -> dict[str, Any]
 
 
 def _stream(
-    engine: ContractEngine, model: str, max_tokens: int, started: threading.Event | None = None
+    engine: ContractEngine,
+    model: str,
+    max_tokens: int,
+    started: threading.Event | None = None,
+    leave: threading.Event | None = None,
 ) -> tuple[int, str | None]:
-    """Stream a completion to the end; sets ``started`` at the first token. Returns the
-    completion tokens (usage) and the last finish reason."""
+    """Stream a completion; sets ``started`` at the first token. Returns the completion tokens
+    (usage) and the last finish reason -- or, once ``leave`` is set, closes the connection
+    after the next chunk (the engine aborts the request) and returns the chunks seen, None."""
     body = {"model": model, "prompt": rec.COUNTING_PROMPT, "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
-    tokens, reason = -1, None
+    tokens, reason, chunks = -1, None, 0
     with engine.client() as client, client.stream("POST", "/v1/completions", json=body) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
+            if leave is not None and leave.is_set():
+                return chunks, None
+            chunks += 1
             chunk = json.loads(line[len("data: ") :])
             for choice in chunk.get("choices") or ():
                 if started is not None:
@@ -131,29 +141,42 @@ def test_more_adapters_than_max_cpu_loras_all_load_and_serve(
 def test_more_distinct_adapters_than_max_loras_wait_for_a_slot(
     engine: ContractEngine, http: httpx.Client
 ) -> None:
+    # a and b hold both slots until the test lets them go (HOLD_TOKENS is far more than the
+    # test needs; a natural end of either before c queued would make the check race the
+    # engine's speed), then a leaves: the engine aborts it and c takes its slot.
     with _adapters(engine, http, MAX_LORAS + 1) as (a, b, c), ThreadPoolExecutor(3) as pool:
         running = [threading.Event(), threading.Event()]
+        leave = [threading.Event(), threading.Event()]
         first = [
-            pool.submit(_stream, engine, name, 200, ev)
-            for name, ev in zip((a, b), running, strict=True)
+            pool.submit(_stream, engine, name, HOLD_TOKENS, ev, stop)
+            for name, ev, stop in zip((a, b), running, leave, strict=True)
         ]
-        assert all(ev.wait(WAIT_S) for ev in running)  # both slots in use for ~200 tokens
-        late = pool.submit(_stream, engine, c, 4)
-        during = wait_for_metrics(
-            http, lambda s: _requests(s, "running") + _requests(s, "waiting") >= 3
-        )
-        # c waits: its adapter would be a third in a batch of at most max_loras adapters.
-        assert (_requests(during, "running"), _requests(during, "waiting")) == (2, 1)
-        assert _lora_labels(during) == ({a, b}, {a, b})  # c, never scheduled, is not listed
-        parsed = parse_vllm_metrics(http.get("/metrics").text)
-        assert parsed.max_lora == MAX_LORAS
-        assert parsed.running_adapters == parsed.waiting_adapters == {a, b}
-        # Unloading a waiting request's adapter does not fail it: it runs once a slot frees.
-        resp = _unload(http, c)
-        assert (resp.status_code, resp.text) == (200, rec.LORA_UNLOADED_TEXT.format(name=c))
-        results = [f.result(timeout=WAIT_S) for f in (*first, late)]
-    assert results == [(200, "length"), (200, "length"), (4, "length")]
+        try:
+            assert all(ev.wait(WAIT_S) for ev in running)
+            both = wait_for_metrics(http, lambda s: _requests(s, "running") >= 2)
+            assert (_requests(both, "running"), _requests(both, "waiting")) == (2, 0)
+            late = pool.submit(_stream, engine, c, 4)
+            during = wait_for_metrics(http, lambda s: _requests(s, "waiting") >= 1)
+            # c waits: its adapter would be a third in a batch of at most max_loras adapters.
+            assert (_requests(during, "running"), _requests(during, "waiting")) == (2, 1)
+            assert _lora_labels(during) == ({a, b}, {a, b})  # c, never scheduled, is not listed
+            parsed = parse_vllm_metrics(http.get("/metrics").text)
+            assert parsed.max_lora == MAX_LORAS
+            assert parsed.running_adapters == parsed.waiting_adapters == {a, b}
+            # Unloading a waiting request's adapter does not fail it: it runs once a slot frees.
+            resp = _unload(http, c)
+            assert (resp.status_code, resp.text) == (200, rec.LORA_UNLOADED_TEXT.format(name=c))
+            assert not late.done()
+            leave[0].set()  # a's client leaves: its slot frees
+            assert late.result(timeout=WAIT_S) == (4, "length")
+            assert not first[1].done()  # b still holds its slot
+        finally:
+            for stop in leave:
+                stop.set()
+        held = [f.result(timeout=WAIT_S) for f in first]
+    assert all(reason is None and 0 < chunks < HOLD_TOKENS for chunks, reason in held), held
     after = wait_for_metrics(http, lambda s: _requests(s, "running") + _requests(s, "waiting") == 0)
+    assert (_requests(after, "running"), _requests(after, "waiting")) == (0, 0)
     assert _lora_labels(after) == (set(), set())
 
 
