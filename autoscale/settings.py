@@ -135,10 +135,8 @@ class AutoscalingSettings(_Section):
         build_policy(self.policy, self.policy_settings)  # fail at load, naming the problem
         if (
             self.enabled
-            and self.min_replicas == 0
-            and self.policy != "static"
+            and self._may_reach_zero()
             and not scales_from_zero(self.policy, self.policy_settings)
-            and not self._hpa_floor()  # hpa's own floor (default 1) keeps it off zero
         ):
             raise ValueError(
                 f"autoscaling.min_replicas 0 with policy {self.policy!r}: it scales on per-pod "
@@ -157,7 +155,7 @@ class AutoscalingSettings(_Section):
         gateway-embedded autoscaler, which counts the requests it answers 503."""
         if not self.target.name:
             return "autoscaling.target.name is required"
-        if self.min_replicas == 0 and self.policy != "static" and not self._hpa_floor():
+        if self._may_reach_zero():
             return (
                 "autoscaling.min_replicas 0 with the standalone autoscaler: it reads arrivals "
                 "from the engines, so with no pod it sees none and would never ask for a "
@@ -166,10 +164,15 @@ class AutoscalingSettings(_Section):
             )
         return None
 
-    def _hpa_floor(self) -> int:
-        if self.policy != "hpa":
-            return 0
-        return HPASettings.model_validate(self.policy_settings).min_replicas
+    def _may_reach_zero(self) -> bool:
+        """The policy may take the target to zero pods: ``min_replicas`` 0, and neither
+        ``static`` (it never moves) nor ``hpa`` with its own floor (default 1)."""
+        if self.min_replicas != 0 or self.policy == "static":
+            return False
+        return (
+            self.policy != "hpa"
+            or HPASettings.model_validate(self.policy_settings).min_replicas == 0
+        )
 
     def limits(self) -> Limits:
         return Limits(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,22 +31,13 @@ import yaml
 
 from benchmarks.autoscale.metrics import ReplicaSample
 from benchmarks.ports import free_port
-from benchmarks.routing.launch import LaunchError, Proc, spawn
+from benchmarks.routing.launch import LaunchError, Proc, die_with_parent, spawn
 
 __all__ = ["DeploymentSpec", "Gateway", "KubeSim", "LaunchError", "ReplicaRecorder"]
 
 SWITCHYARD = str(Path(sys.executable).with_name("switchyard"))
 _READY = re.compile(rb"kube-sim ready (http://127\.0\.0\.1:\d+)")
 APP_LABEL = "switchyard-bench"
-
-
-def die_with_parent() -> None:
-    """``preexec_fn``: the kernel kills the child when the benchmark dies (PR_SET_PDEATHSIG),
-    as ``tests/processes.py`` does for test servers (``tests`` is not an installed package)."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class _Proc(Proc):

@@ -1,5 +1,6 @@
 """Processes of the overhead benchmark: each contender and engine in its own session (process
-group), stopped by its own PID; CPU and RSS of a whole group from ``/proc``; bounded readiness.
+group), stopped by its own PID and killed by the kernel if the benchmark dies; CPU and RSS of
+a whole group from ``/proc``; bounded readiness.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def spawn(
             env={**os.environ, **OFFLINE_ENV, **(env or {})},
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=launch.die_with_parent,  # noqa: PLW1509 - a killed benchmark leaves none
         )
     return Proc(name=name, popen=popen, log=log)
 

@@ -99,6 +99,16 @@ class Proc:
             return ""
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: the kernel kills the child when the benchmark dies (PR_SET_PDEATHSIG,
+    tied to the spawning thread: spawn from the main thread), as ``tests/processes.py`` does
+    for test servers (``tests`` is not an installed package)."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def spawn(
     name: str,
     argv: Sequence[str],
