@@ -147,9 +147,16 @@ class EngineDriver:
         track = self._tracks.pop(request_id, None)
         if track is None:
             return
-        self.core.abort_request(request_id)
+        self._abort(request_id)
         self._record_finish(track, reason, self.now())
         self._wake.set()
+
+    def _abort(self, request_id: str) -> None:
+        """Abort in the core; like vLLM, ``lora_requests_info`` drops the request's adapter
+        at once (no step may follow: the last request of an adapter leaving)."""
+        self.core.abort_request(request_id)
+        if self._lora_enabled:
+            self._metrics.record_lora(self.core.stats())
 
     def reset_prefix_cache(self) -> bool:
         """vLLM ``/reset_prefix_cache`` when the core supports it; publishes its events now."""
@@ -250,7 +257,7 @@ class EngineDriver:
         except asyncio.QueueFull:  # consumer far behind: never block the engine loop
             log.warning("dropping request %s: output queue full", request_id)
             if self._tracks.pop(request_id, None) is not None:
-                self.core.abort_request(request_id)
+                self._abort(request_id)
 
     def _record_finish(self, track: _Track, reason: FinishReason, end: float) -> None:
         first = track.first_time if track.first_time is not None else end
