@@ -83,6 +83,8 @@ class LoraBook:
         """Adapters each engine holds (vLLM's CPU LoRA cache; None: its ``max_loras``)."""
         self._loaded: dict[str, dict[str, float]] = {}
         self._loading: dict[str, set[str]] = {}
+        self._preloaded: dict[str, set[str]] = {}
+        """Per engine: adapters our preload loaded there (``reason="preload"``)."""
 
     def loaded(self, engine_id: str) -> Mapping[str, float]:
         return self._loaded.get(engine_id, {})
@@ -106,11 +108,25 @@ class LoraBook:
         """The engine's snapshot fields: adapters being loaded there, default slots."""
         state.engine.set_lora_slots(self.default_max_loras, self.loading(state.id))
 
-    def mark_loaded(self, engine_id: str, adapter: str) -> None:
+    def mark_loaded(self, engine_id: str, adapter: str, *, preload: bool = False) -> None:
+        """``preload``: loaded ahead of any request (:attr:`EngineSlots.preloaded` until one
+        asks for it); any other load of it there clears that."""
         self._loaded.setdefault(engine_id, {})[adapter] = self.clock()
+        if preload:
+            self._preloaded.setdefault(engine_id, set()).add(adapter)
+        else:
+            self._forget_preload(engine_id, adapter)
 
     def mark_unloaded(self, engine_id: str, adapter: str) -> None:
         self._loaded.get(engine_id, {}).pop(adapter, None)
+        self._forget_preload(engine_id, adapter)
+
+    def _forget_preload(self, engine_id: str, adapter: str) -> None:
+        held = self._preloaded.get(engine_id)
+        if held is not None:
+            held.discard(adapter)
+            if not held:
+                del self._preloaded[engine_id]
 
     def reconcile(self, endpoints: EndpointRegistry) -> tuple[int, int]:
         """Follow what the engines list: adapters seen without our load are recorded from
@@ -126,6 +142,7 @@ class LoraBook:
             book = self._loaded.setdefault(state.id, {})
             for gone in [a for a in book if a not in listed]:
                 del book[gone]
+                self._forget_preload(state.id, gone)
                 vanished += 1
             for name in listed - book.keys():
                 book[name] = now
@@ -134,6 +151,8 @@ class LoraBook:
             del self._loaded[eid]
         for eid in [e for e in self._loading if e not in present]:
             del self._loading[eid]
+        for eid in [e for e in self._preloaded if e not in present]:
+            del self._preloaded[eid]
         return appeared, vanished
 
     def slots(
@@ -148,7 +167,9 @@ class LoraBook:
         ``max_cpu_loras`` the configured residency capacity,
         ``last_used`` each adapter's last request anywhere (the gateway does not track it
         per engine), ``active`` what the engine reports running or waiting, ``blocked``
-        the adapters whose loads there back off (:meth:`LoadBackoff.blocked`)."""
+        the adapters whose loads there back off (:meth:`LoadBackoff.blocked`),
+        ``preloaded`` our preloads there that no request has asked for (none in
+        ``last_used``)."""
         blocked = blocked or {}
         out: list[EngineSlots] = []
         now = self.clock()
@@ -172,6 +193,11 @@ class LoraBook:
                     last_used={a: last_used[a] for a in loaded if a in last_used},
                     active=snap.running_adapters,
                     blocked=blocked.get(state.id, frozenset()),
+                    preloaded=frozenset(
+                        a
+                        for a in self._preloaded.get(state.id, ())
+                        if a in loaded and a not in last_used
+                    ),
                 )
             )
         return out
@@ -430,7 +456,7 @@ class LoraActuator:
             self._metrics.load_duration.observe(time.perf_counter() - started)
             self._count("load", reason, "ok")
             self._listed(state, spec)
-            self.book.mark_loaded(state.id, spec.name)
+            self.book.mark_loaded(state.id, spec.name, preload=reason == "preload")
             log.info("adapter %s loaded on %s (%s)", spec.name, state.id, reason)
             return
         raise self._refused("load", spec.name, state, status, message, reason)

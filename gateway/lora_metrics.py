@@ -34,8 +34,8 @@ __all__ = [
     "LoraMetrics",
 ]
 
-REASONS = ("demand", "spread", "idle", "make_room", "on_demand", "reconcile", "admin",
-           "configmap")  # fmt: skip
+REASONS = ("demand", "spread", "preload", "idle", "make_room", "on_demand", "reconcile",
+           "admin", "configmap")  # fmt: skip
 """Why a load or unload happened (``routing.lora.PlacementAction.reason`` plus the admin
 API's deletes and the unloads of adapters removed from, or changed in, the ConfigMap)."""
 OPS_OUTCOMES = ("ok", "rejected", "failed", "timeout")

@@ -42,12 +42,17 @@ Rules (``s`` = :class:`PlacementSettings`):
   after the band is crossed, and never because a neighbour wants a slot for a few seconds.
 * **Minimum residency is absolute**: nothing loaded less than ``s.min_residency_s`` ago is
   unloaded, for any reason -- it may be the very load a waiting request triggered, and
-  undoing it is the thrash this module exists to prevent. Lower the setting to trade.
-* **Preload** (``s.preload``, off by default): adapters never requested yet (no
+  undoing it is the thrash this module exists to prevent. Lower the setting to trade. The
+  one exception is a preload no request has asked for yet (below).
+* **Preload** (``s.preload``, on by default): adapters never requested yet (no
   ``last_used``, nothing waiting) are loaded into slots still free after every other
-  placement (``reason="demand"``, one replica, never making room), so a first request
+  placement (``reason="preload"``, one replica, never making room), so a first request
   finds them held, as a fleet with every adapter pinned would. They are not idle-unloaded;
-  being desired 0 they give their slot up to any placement that needs it.
+  being desired 0 they give their slot up to any placement or on-demand load that needs
+  it, first of all (before the least recently used adapter) and with neither minimum
+  residency nor ``min_idle_s`` protecting them while no request has asked for them
+  (``EngineSlots.preloaded``): nothing relies on them yet, and a fleet whose free slots a
+  preload just filled must not make an on-demand request wait ``min_residency_s``.
 * **Idle unloads**: an adapter whose demand went idle (desired 0) is unloaded from every
   engine (``reason="idle"``, LRU first) once it is past minimum residency and not active.
   Adapters loaded by hand (present on engines, absent from the demand) are left alone
@@ -145,6 +150,9 @@ class EngineSlots:
     blocked: frozenset[str] = frozenset()
     """Adapters whose loads here are backing off after a refusal or failure: not loaded
     here, and no room made here for them (module docstring)."""
+    preloaded: frozenset[str] = frozenset()
+    """Loaded adapters the gateway preloaded here that no request has asked for since:
+    unloaded first when room is needed, minimum residency and ``min_idle_s`` aside."""
     max_cpu_loras: int | None = None
     """Adapters the engine keeps registered (vLLM's CPU LoRA cache, ``--max-cpu-loras``;
     vLLM does not export it, so configured): the residency capacity. None: ``max_loras``
@@ -222,10 +230,12 @@ class PlacementSettings:
     """Wait after an engine's first refused or failed load of an adapter (:func:`load_backoff`)."""
     load_backoff_max_s: float = 300.0
     """Cap of that wait, which doubles with each further failure."""
-    preload: bool = False
-    """Load adapters never requested yet into free slots (``reason="demand"``, after every
+    preload: bool = True
+    """Load adapters never requested yet into free slots (``reason="preload"``, after every
     other placement, never making room); they are not idle-unloaded, only give their slot
-    up when it is needed (module docstring)."""
+    up when it is needed (module docstring). On by default, as vLLM's ``--lora-modules``
+    and AIBrix's ModelAdapter load a declared adapter before its first request: a slot
+    left empty saves nothing, and a first request that waits for a load is the tail."""
     displace_ratio: float = 2.0
     """A placement may unload (``make_room``) a settled replica of a wanted adapter when
     that replica serves less than 1/this of the requests/s the placement would serve
@@ -297,13 +307,20 @@ def _last_use(e: EngineSlots, adapter: str, demand: AdapterDemand | None) -> flo
 
 
 def _settled(e: EngineSlots, adapter: str, now: float, s: PlacementSettings) -> bool:
-    """May ``adapter`` be unloaded from ``e`` at all (residency, not loading, not active)?"""
+    """May ``adapter`` be unloaded from ``e`` at all (residency, not loading, not active)?
+    A preload nothing asked for yet has no residency to protect."""
     return (
         adapter in e.loaded
         and adapter not in e.loading
         and adapter not in e.active
-        and now - e.loaded[adapter] >= s.min_residency_s
+        and (adapter in e.preloaded or now - e.loaded[adapter] >= s.min_residency_s)
     )
+
+
+def _idle_enough(e: EngineSlots, adapter: str, d: AdapterDemand | None, now: float,
+                 s: PlacementSettings) -> bool:  # fmt: skip
+    """Unused on ``e`` for at least ``min_idle_s`` (a preload nothing asked for: always)."""
+    return adapter in e.preloaded or now - _last_use(e, adapter, d) >= s.min_idle_s
 
 
 def _load_order(e: _Engine) -> tuple[int, float, str]:
@@ -353,7 +370,7 @@ class _Planner:
         if adapter not in e.loaded or not _settled(e.slots, adapter, self.now, self.s):
             return None
         d = self.demand.get(adapter)
-        if self.now - _last_use(e.slots, adapter, d) < self.s.min_idle_s:
+        if not _idle_enough(e.slots, adapter, d, self.now, self.s):
             return None
         desired = self.desired.get(adapter, 0)
         if d is None or desired == 0 or self.replicas(adapter) > desired + self.s.hysteresis:
@@ -382,7 +399,8 @@ class _Planner:
                     if cls is not None:
                         rank = self.per_replica(a) if cls else 0.0
                         last = _last_use(e.slots, a, self.demand.get(a))
-                        victims.append((cls, rank, last, e.slots.load, e.slots.engine_id, a))
+                        fresh = a not in e.slots.preloaded  # unasked preloads go first
+                        victims.append((cls, fresh, rank, last, e.slots.load, e.slots.engine_id, a))
             if not victims or not self.room(2):
                 return False
             *_, engine_id, victim = min(victims)
@@ -442,7 +460,7 @@ class _Planner:
                 target.held.add(d.name)
                 self.counts[d.name] = 1
                 self.actions.append(PlacementAction("load", d.name, target.slots.engine_id,
-                                                    "demand"))  # fmt: skip
+                                                    "preload"))  # fmt: skip
 
     def _push(self, heap: list[tuple[bool, float, int, str]], d: AdapterDemand, want: int) -> None:
         r = self.replicas(d.name)
@@ -499,7 +517,8 @@ def choose_for_load(
     different adapters load on different engines, not all on the least loaded one), then
     the least loaded (fewer adapters breaks ties);
     ``(unload, load)`` on one engine when only making room
-    works: the least recently used reclaimable adapter there (not active, not loading, past
+    works: a preload no request asked for (:attr:`EngineSlots.preloaded`), else the least
+    recently used reclaimable adapter there (not active, not loading, past
     ``min_residency_s``, unused for ``min_idle_s``; ``EngineSlots.last_used``, else its load
     time); ``None`` when no engine can take it now (the gateway answers 503 + retry-after).
     """
@@ -514,13 +533,13 @@ def choose_for_load(
         )
         return (PlacementAction("load", adapter, target.engine_id, "on_demand"),)
     victims = [
-        (_last_use(e, a, None), e.load, e.engine_id, a)
+        (a not in e.preloaded, _last_use(e, a, None), e.load, e.engine_id, a)
         for e in eligible
         for a in _reclaimable_now(e, now, settings)
     ]
     if not victims:
         return None
-    _, _, engine_id, victim = min(victims)
+    *_, engine_id, victim = min(victims)
     return (
         PlacementAction("unload", victim, engine_id, "make_room"),
         PlacementAction("load", adapter, engine_id, "on_demand"),
@@ -529,7 +548,7 @@ def choose_for_load(
 
 def _reclaimable_now(e: EngineSlots, now: float, s: PlacementSettings) -> Iterable[str]:
     for a in e.loaded:
-        if _settled(e, a, now, s) and now - _last_use(e, a, None) >= s.min_idle_s:
+        if _settled(e, a, now, s) and _idle_enough(e, a, None, now, s):
             yield a
 
 

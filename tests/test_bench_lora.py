@@ -166,8 +166,8 @@ def test_targets() -> None:
 
 
 def test_gateway_contenders_and_their_preload(tmp_path: Path) -> None:
-    """`switchyard` preloads (and waits for it before the trace); `switchyard-cold` is the
-    gateway's default, no preload; both go through the gateway with the same other knobs."""
+    """`switchyard` preloads, the gateway's default (and waits for it before the trace);
+    `switchyard-cold` does not; both go through the gateway with the same other knobs."""
     assert {n for n, mode in CONTENDERS.items() if mode is None} == set(GATEWAY_PRELOAD)
     assert GATEWAY_PRELOAD == {"switchyard": True, "switchyard-cold": False}
     cfg = RunConfig(log_dir=tmp_path, speed=3.0)
@@ -176,8 +176,8 @@ def test_gateway_contenders_and_their_preload(tmp_path: Path) -> None:
     assert {**cold, "placement": {}} == {**warm, "placement": {}}
     assert {**cold["placement"], "preload": True} == warm["placement"]
     assert cfg.gateway_lora() == warm
-    # the gateway's own default is what the cold contender runs
-    assert PlacementSettings().preload is False
+    # the gateway's own default is what `switchyard` runs
+    assert PlacementSettings().preload is True
 
 
 class FakeEngine:

@@ -5,7 +5,8 @@ with Zipf popularity; arrivals are open-loop Poisson and the popularity ranking 
 half-way so that cold adapters become the hot ones. Contenders: ``random-ondemand``,
 ``static``, ``least-request-ondemand`` (benchmark-side routers, straight to the engines),
 ``switchyard`` (the gateway's placement controller + LoRA-aware routing, preloading before
-the trace) and ``switchyard-cold`` (the same with the default ``placement.preload: false``).
+the trace: the default ``placement.preload``) and ``switchyard-cold`` (the same with
+``placement.preload: false``).
 Simulated time runs ``--speed`` times faster than wall time; everything is reported in
 simulated seconds.
 ``--density`` adds the cost comparison (engines needed at the SLO vs one engine per

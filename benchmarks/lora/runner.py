@@ -63,7 +63,7 @@ CONTENDERS: dict[str, RouterMode | None] = {
     "static": "static",
     "least-request-ondemand": "least-request",
     "switchyard": None,  # the gateway: placement controller + LoRA-aware routing
-    "switchyard-cold": None,  # the same, in the gateway's default `placement.preload: false`
+    "switchyard-cold": None,  # the same with `placement.preload: false` (the default: true)
 }
 """Contender name -> benchmark-side router mode (None: through the gateway)."""
 GATEWAY_PRELOAD: dict[str, bool] = {"switchyard": True, "switchyard-cold": False}

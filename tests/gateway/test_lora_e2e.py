@@ -77,7 +77,10 @@ def sims(engines: list[SimEngine]) -> Iterator[list[SimEngine]]:
 
 
 def _settings(sims: list[SimEngine], adapters: list[dict[str, Any]], **lora: Any) -> Settings:
+    """Placement off unless ``placement_interval_s`` is given, and no preload unless
+    ``placement`` says so: these tests count on-demand loads."""
     extra = {k: lora.pop(k) for k in ("api_keys", "admin_key", "discovery") if k in lora}
+    lora["placement"] = {"preload": False, **lora.get("placement", {})}
     return gateway_settings(
         [e.url for e in sims],
         routing={"policy": "least-request", "scrape_interval_s": 0.1},
@@ -365,6 +368,37 @@ def test_an_engine_restart_without_the_controller_loads_on_demand(
         assert wait_until(relisted, timeout=20)
         assert httpx.post(f"{gw.url}{CHAT}", json=_chat("sql"), timeout=30).status_code == 200
         assert engine.adapters() == {"sql"} and _loads(sims) == 2
+
+
+def test_registered_adapters_are_preloaded_and_give_way_to_requested_ones(
+    sims: list[SimEngine], tmp_path: Path
+) -> None:
+    """The default ``placement.preload``: with no request, the controller fills the free
+    slots with registered adapters; a first request for one waits for no load; a request
+    for an adapter that found no free slot takes an unasked preload's slot at once (no
+    minimum residency for it), never the one a request used."""
+    adapters = [_adapter(tmp_path, n) for n in ("a", "b", "c")]
+    settings = gateway_settings(
+        [sims[0].url],
+        routing={"policy": "least-request", "scrape_interval_s": 0.1},
+        # load_timeout_s 5: were b protected by minimum residency (30 s), c would get a 503
+        lora={"adapters": adapters, "max_loras": 2, "placement_interval_s": 0.2,
+              "load_timeout_s": 5.0},
+    )  # fmt: skip
+    assert "preload" not in settings.lora.placement and PlacementSettings().preload
+    with ServerThread(create_app(settings)) as gw:
+        _ready(gw)
+        assert wait_until(lambda: sims[0].adapters() == {"a", "b"}, timeout=20)  # by name
+        assert _metric(gw, "switchyard_lora_operations_total", op="load", reason="preload",
+                       outcome="ok") == 2  # fmt: skip
+        assert httpx.post(f"{gw.url}{CHAT}", json=_chat("a"), timeout=30).status_code == 200
+        assert _metric(gw, "switchyard_lora_on_demand_wait_seconds_count") == 0
+        r = httpx.post(f"{gw.url}{CHAT}", json=_chat("c"), timeout=30)
+        assert r.status_code == 200, r.text
+        assert sims[0].adapters() == {"a", "c"}  # b, never asked for, made room (within 30 s)
+        assert _metric(gw, "switchyard_lora_operations_total", op="unload", reason="make_room",
+                       outcome="ok") == 1  # fmt: skip
+        assert _loads(sims) == 3
 
 
 def test_the_controller_unloads_an_idle_adapter(sims: list[SimEngine], tmp_path: Path) -> None:

@@ -88,6 +88,35 @@ def test_registry_sync_replaces_one_origin_only() -> None:
     assert reg.version == version  # no change, no new version
 
 
+def test_book_marks_preloads_until_a_request_asks_for_them() -> None:
+    book = LoraBook(default_max_loras=4)
+    reg = _engines()
+    e1 = reg.get("e1")
+    assert e1 is not None
+    e1.set_models([ModelCard("base"), *(ModelCard(a, parent="base") for a in "pqr")])
+    book.reconcile(reg)
+    book.mark_loaded("e1", "p", preload=True)
+    book.mark_loaded("e1", "q", preload=True)
+    book.mark_loaded("e1", "r")
+
+    def preloaded(last_used: dict[str, float]) -> frozenset[str]:
+        (slots,) = [s for s in book.slots(reg, last_used=last_used) if s.engine_id == "e1"]
+        return slots.preloaded
+
+    assert preloaded({}) == {"p", "q"}
+    assert preloaded({"p": 1.0}) == {"q"}  # a request asked for p
+    book.mark_loaded("e1", "q")  # loaded again for another reason
+    assert preloaded({}) == {"p"}
+    book.mark_unloaded("e1", "p")
+    book.mark_loaded("e1", "q", preload=True)
+    assert preloaded({}) == {"q"}
+    e1.set_models([ModelCard("base"), ModelCard("r", parent="base")])  # q vanished
+    book.reconcile(reg)
+    e1.set_models([ModelCard("base"), ModelCard("q", parent="base"), ModelCard("r", parent="base")])
+    book.reconcile(reg)  # q back, loaded by someone else: not our preload
+    assert preloaded({}) == frozenset()
+
+
 @pytest.mark.parametrize(
     ("source", "path"),
     [("/models/sql", "/models/sql"), ("file:///models/a%20b", "/models/a b"),

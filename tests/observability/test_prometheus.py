@@ -120,8 +120,9 @@ def _static_gateway_settings(sim: EngineSimProcess, adapter: Path,
             "load_timeout_s": 10.0, "request_timeout_s": 5.0, "placement_interval_s": 0.2,
             # a short load backoff (0.25 s doubling to 1 s): the refused loads repeat (the
             # alert's "at least 3") and are suppressed in between (their panel)
+            # no preload: LORA's loads are on demand (its panels and alerts are the subject)
             "placement": {"min_residency_s": 0.5, "min_idle_s": 0.2, "idle_s": LORA_IDLE_S,
-                          "load_backoff_s": 0.25, "load_backoff_max_s": 1.0},
+                          "load_backoff_s": 0.25, "load_backoff_max_s": 1.0, "preload": False},
         },
     }  # fmt: skip
 

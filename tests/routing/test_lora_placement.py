@@ -30,6 +30,7 @@ S = PlacementSettings(
     min_idle_s=5.0,
     idle_s=300.0,
     max_actions=8,
+    preload=False,  # the preload tables say preload=True
 )
 
 
@@ -485,6 +486,49 @@ def test_concurrent_first_loads_spread_over_the_engines() -> None:
     assert choose([busy, engines["e1"]], "g") == (load("g", "e1", "on_demand"),)
 
 
+PRE = frozenset({"pre"})
+
+
+@pytest.mark.parametrize(
+    ("engines", "want"),
+    [
+        # a preload nobody asked for, loaded a second ago: residency and min_idle_s aside
+        ([eng("e0", "pre", slots=1, loaded_at={"pre": NOW - 1}, preloaded=PRE)],
+         (unload("pre", "e0", "make_room"), load("a", "e0", "on_demand"))),
+        # the same adapter once a request asked for it (the book drops it from `preloaded`)
+        ([eng("e0", "pre", slots=1, loaded_at={"pre": NOW - 1})], None),
+        # still loading or active: never
+        ([eng("e0", "pre", slots=1, preloaded=PRE, active=PRE)], None),
+        # unasked preloads go before the least recently used adapter (long idle here)
+        ([eng("e0", "old", "pre", loaded_at={"pre": NOW - 1}, preloaded=PRE,
+              last_used={"old": NOW - 900.0})],
+         (unload("pre", "e0", "make_room"), load("a", "e0", "on_demand"))),
+    ],
+)  # fmt: skip
+def test_choose_for_load_reclaims_unasked_preloads_first(
+    engines: list[EngineSlots], want: Any
+) -> None:
+    assert choose(engines) == want
+
+
+def test_placements_reclaim_unasked_preloads_first() -> None:
+    fresh = eng("e0", "pre", slots=1, loaded_at={"pre": NOW - 1}, preloaded=PRE)
+    never = AdapterDemand("pre", "llama", 0.0)
+    assert run([never, dem("new")], [fresh], preload=True) == [
+        unload("pre", "e0", "make_room"),
+        load("new", "e0"),
+    ]
+    asked = dataclasses.replace(fresh, preloaded=frozenset())  # residency protects it
+    assert run([never, dem("new")], [asked], preload=True) == []
+    both = eng("e0", "old", "pre", loaded_at={"pre": NOW - 1}, preloaded=PRE)
+    demand = [never, dem("old", 0.0, last_used=NOW - 900.0), dem("new")]
+    assert run(demand, [both], preload=True, hysteresis=0) == [
+        unload("pre", "e0", "make_room"),
+        load("new", "e0"),
+        unload("old", "e0", "idle"),
+    ]
+
+
 def test_choose_for_load_min_residency_is_a_setting() -> None:
     engines = [eng("e0", "x", slots=1, loaded_at={"x": NOW - 1})]
     assert choose(engines, min_residency_s=0.0) is None  # still used within min_idle_s
@@ -643,7 +687,7 @@ def test_preload_fills_free_slots_with_never_requested_adapters_last() -> None:
     assert run(demand, roomy, preload=True) == [
         load("hot", "e1", "spread"),
         load("cold", "e0"),
-        load("never", "e0"),
+        load("never", "e0", "preload"),
     ]
     # no free slot: a preload never makes room; blocked engines and max_actions hold
     assert run([never], [eng("e0", "x", slots=1)], preload=True) == []
