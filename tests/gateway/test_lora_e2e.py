@@ -825,7 +825,8 @@ async def test_an_unload_planned_before_a_request_for_the_adapter_is_not_made(
     state.set_models([ModelCard(MODEL)])
     state.record_probe(True, fail_threshold=1, success_threshold=1)
     settings = LoraSettings(max_loras=2, placement_interval_s=1.0)
-    placement = PlacementSettings(min_residency_s=0.0, min_idle_s=0.0)
+    # no preload: "old", never requested, is to be planned for an idle unload
+    placement = PlacementSettings(min_residency_s=0.0, min_idle_s=0.0, preload=False)
     metrics = LoraMetrics.create(CollectorRegistry())
     book = LoraBook(default_max_loras=2)
     adapters = AdapterRegistry(specs=specs)
