@@ -41,7 +41,7 @@ import urllib3
 
 if TYPE_CHECKING:  # imported where a client is made: ~120 ms and ~13 MB a gateway without
     # Kubernetes (static engines, no autoscaler) should not pay at start
-    from kubernetes.client import ApiClient
+    from kubernetes.client import ApiClient, Configuration
 
 __all__ = [
     "KubeApi",
@@ -54,6 +54,7 @@ __all__ = [
     "Scale",
     "ScaleClient",
     "ScaleTarget",
+    "kube_configuration",
     "list_pods",
 ]
 
@@ -110,6 +111,38 @@ def _status_message(data: bytes) -> str:
     return data[:200].decode("utf-8", "replace")
 
 
+def kube_configuration(
+    kubeconfig: Path | None = None, *, context: str | None = None
+) -> Configuration:
+    """The official client's configuration from ``kubeconfig`` (its ``context``, else its
+    current one); without one, the in-cluster service account, else the default kubeconfig
+    (``~/.kube/config``). Retries off: every caller's loop retries, with backoff and bounded
+    calls. Never written back to the file. Raises :class:`KubeError` if none loads. Shared by
+    the autoscaler's :class:`KubeApi` and the gateway's discovery and ConfigMap reader."""
+    from kubernetes.client import Configuration
+    from kubernetes.config import ConfigException, load_incluster_config, load_kube_config
+
+    config = Configuration(retries=0)
+    try:
+        if kubeconfig is not None:
+            load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(kubeconfig),
+                context=context,
+                client_configuration=config,
+                persist_config=False,
+            )
+        else:
+            try:
+                load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+            except ConfigException:
+                load_kube_config(  # type: ignore[no-untyped-call]
+                    context=context, client_configuration=config, persist_config=False
+                )
+    except (ConfigException, OSError, ValueError, TypeError) as exc:
+        raise KubeError(f"no usable Kubernetes configuration: {exc}") from exc
+    return config
+
+
 class KubeApi:
     """JSON calls on one ``kubernetes.client.ApiClient``; see the module docstring.
 
@@ -135,28 +168,9 @@ class KubeApi:
     ) -> KubeApi:
         """A client from ``kubeconfig``; without one, the in-cluster service account, else
         the default kubeconfig (``~/.kube/config``). Raises :class:`KubeError` if none loads."""
-        from kubernetes.client import ApiClient, Configuration
-        from kubernetes.config import ConfigException, load_incluster_config, load_kube_config
+        from kubernetes.client import ApiClient
 
-        config = Configuration(retries=0)  # our loops retry, with backoff and bounded calls
-        try:
-            if kubeconfig is not None:
-                load_kube_config(  # type: ignore[no-untyped-call]
-                    config_file=str(kubeconfig),
-                    context=context,
-                    client_configuration=config,
-                    persist_config=False,
-                )
-            else:
-                try:
-                    load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
-                except ConfigException:
-                    load_kube_config(  # type: ignore[no-untyped-call]
-                        context=context, client_configuration=config, persist_config=False
-                    )
-        except (ConfigException, OSError, ValueError, TypeError) as exc:
-            raise KubeError(f"no usable Kubernetes configuration: {exc}") from exc
-        client = ApiClient(configuration=config)
+        client = ApiClient(configuration=kube_configuration(kubeconfig, context=context))
         client.user_agent = user_agent
         return cls(client, timeout_s=timeout_s)
 

@@ -36,6 +36,7 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
+from autoscale.kube import kube_configuration
 from gateway.adapters import AdapterRegistry, AdapterSpec, Origin
 from gateway.settings import DiscoverySettings, LoraAdapterConfig, LoraConfigMapSettings
 
@@ -165,22 +166,9 @@ class ConfigMapAdapters:
     def _client(self) -> Any:
         if self._core is None:
             from kubernetes import client
-            from kubernetes import config as config_module
 
-            config: Any = config_module
-            cfg = client.Configuration()
-            d = self._discovery
-            if d.kubeconfig is None:
-                try:
-                    config.load_incluster_config(client_configuration=cfg)
-                except config.ConfigException:
-                    config.load_kube_config(context=d.context, client_configuration=cfg)
-            else:
-                config.load_kube_config(
-                    config_file=str(d.kubeconfig), context=d.context, client_configuration=cfg
-                )
-            cfg.retries = False
-            self._api = client.ApiClient(cfg)
+            d = self._discovery  # a config that does not load: KubeError, logged by the caller
+            self._api = client.ApiClient(kube_configuration(d.kubeconfig, context=d.context))
             self._core = client.CoreV1Api(self._api)
         return self._core
 

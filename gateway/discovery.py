@@ -47,6 +47,7 @@ import urllib3
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from autoscale.kube import KubeError, kube_configuration
 from gateway.endpoints import EndpointRegistry, EndpointState
 from gateway.metricspec import Label, MetricSpec
 from gateway.pods import (
@@ -170,26 +171,14 @@ class KubeApi:
         if self._closed:
             raise ApiError("discovery is closed")
         if self._core is None:
-            # The import costs ~0.3 s: only when used. ``config`` is untyped.
+            # The import costs ~0.3 s: only when used.
             from kubernetes import client
-            from kubernetes import config as config_module
 
-            config: Any = config_module
-            cfg = client.Configuration()
             s = self._settings
-            try:
-                if s.kubeconfig is None:
-                    try:
-                        config.load_incluster_config(client_configuration=cfg)
-                    except config.ConfigException:
-                        config.load_kube_config(context=s.context, client_configuration=cfg)
-                else:
-                    config.load_kube_config(
-                        config_file=str(s.kubeconfig), context=s.context, client_configuration=cfg
-                    )
-            except (config.ConfigException, OSError, ValueError) as exc:
+            try:  # retries off: our loop retries, with its backoff; urllib3's would hide it
+                cfg = kube_configuration(s.kubeconfig, context=s.context)
+            except KubeError as exc:
                 raise ApiError(f"cannot load the Kubernetes config: {exc}") from exc
-            cfg.retries = False  # our loop retries, with its backoff; urllib3's would hide it
             api: Any = client.ApiClient(cfg)
             with self._lock:
                 closed, made = self._closed, self._api is not None

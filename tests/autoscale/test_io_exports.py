@@ -17,7 +17,7 @@ EXPORTS = {
                              "Tick"},
     "autoscale.kube": {"KubeApi", "KubeConflict", "KubeError", "KubeNotFound", "KubeRejected",
                        "KubeUnavailable", "PodInfo", "Scale", "ScaleClient", "ScaleTarget",
-                       "list_pods"},
+                       "kube_configuration", "list_pods"},
     "autoscale.leader": {"LeaderElector", "LeaseRecord", "Verdict", "claimed", "judge",
                          "released"},
     "autoscale.metrics": {"ERROR_KINDS", "MAX_REASONS", "AutoscalerMetrics"},
