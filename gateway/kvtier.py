@@ -182,7 +182,8 @@ class TierResidency:
         before = self._store.stats()
         with anyio.move_on_after(self._settings.lookup_timeout_s) as scope:
             found = await self._store.lookup(ns, rest)
-        if scope.cancelled_caught:
+        if scope.cancelled_caught:  # a hung Redis: open the breaker (the store's own
+            self._store.record_failure()  # timeouts, equal to ours, never fire first)
             return self._answered("timeout", known)
         if found == 0:
             # The store answers 0 on a failure and counts it; another request's failure

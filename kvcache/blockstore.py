@@ -146,6 +146,7 @@ class AsyncBlockStore(Protocol):
     async def get_many(self, ns: TierNamespace, hashes: Sequence[Hash]) -> list[bytes | None]: ...
     async def put_many(self, ns: TierNamespace, items: Sequence[Item], *, ttl_s: float) -> int: ...
     def record_decline(self, blocks: int) -> None: ...
+    def record_failure(self) -> None: ...
     def stats(self) -> StoreStats: ...
 
 
@@ -270,6 +271,12 @@ class _Core:
     def _failed(self) -> None:
         self._counters.add(errors=1)
         self._open_until = self._clock() + self._retry_s
+
+    def record_failure(self) -> None:
+        """Count a call the caller gave up on (its own deadline ran out first): an error,
+        and the breaker opens as for any failure, so a hung Redis costs one caller's
+        deadline per ``retry_s``, not every caller's."""
+        self._failed()
 
     def _looked_up(self, flags: Sequence[Any]) -> int:
         n = _leading(flags)
@@ -476,7 +483,7 @@ class AsyncRedisBlockStore(_Core):
             pool = aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=max_connections, timeout=timeout_s, **bounds
             )
-            client = aioredis.Redis(connection_pool=pool)
+            client = aioredis.Redis.from_pool(pool)  # owns it: aclose() disconnects the pool
         return cls(client, retry_s=retry_s, clock=clock)
 
     async def aclose(self) -> None:

@@ -3,11 +3,13 @@ decision changes once the shared KV tier (a real redis-server) holds the prompt'
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 
 import anyio
 import httpx
 import pytest
+import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,6 +57,9 @@ class FakeStore:
                 break
             n += 1
         return n
+
+    def record_failure(self) -> None:
+        self.errors += 1
 
     def stats(self) -> StoreStats:
         return StoreStats(errors=self.errors)
@@ -125,6 +130,52 @@ async def test_a_slow_lookup_is_cut_at_the_deadline() -> None:
         assert await tier.leading("m", blocks(1, 2)) == 1  # the cached block still counts
     stats = tier.stats()
     assert (stats.timeouts, stats.held_blocks, stats.prompt_blocks) == (1, 1 + 1, 1 + 2)
+
+
+@pytest.mark.anyio
+async def test_a_hung_redis_opens_the_breaker() -> None:
+    """A server that accepts and never answers: the first lookup waits out the deadline
+    (the store's own timeouts, equal to it, never fire first) and counts a failure, so the
+    breaker opens and the next requests are not sent (no request waits on a dead Redis)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshakes; nothing reads or answers
+        port = silent.getsockname()[1]
+        settings = Settings.model_validate({"kv_tier": {
+            "enabled": True, "redis_url": f"redis://127.0.0.1:{port}/0",
+            "lookup_timeout_s": 0.1, "retry_s": 60.0}})  # fmt: skip
+        tier = TierResidency.from_settings(settings)
+        assert tier is not None
+        try:
+            with anyio.fail_after(10):
+                for h in (1, 2, 3):
+                    assert await tier.leading("m", blocks(h)) == 0
+            stats = tier.stats()
+            assert (stats.timeouts, stats.breaker) == (1, 2)
+            assert (stats.store.errors, stats.store.skipped) == (1, 2)
+        finally:
+            await tier.aclose()
+
+
+@pytest.mark.anyio
+async def test_aclose_closes_the_pooled_connections(redis_server: RedisServer) -> None:
+    settings = Settings.model_validate(
+        {"kv_tier": {"enabled": True, "lookup_timeout_s": 0.5}, "redis_url": redis_server.url}
+    )
+    tier = TierResidency.from_settings(settings)
+    assert tier is not None
+    probe = redis.Redis.from_url(redis_server.url, socket_timeout=2.0)
+
+    def clients() -> int:  # connected clients other than the probe itself
+        return int(probe.info("clients")["connected_clients"]) - 1
+
+    try:
+        assert await tier.leading("m", blocks(1)) == 0
+        assert clients() == 1
+        await tier.aclose()
+        assert wait_until(lambda: clients() == 0, timeout=10)
+    finally:
+        probe.close()
 
 
 @pytest.mark.anyio
