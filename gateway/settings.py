@@ -13,10 +13,20 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -405,11 +415,23 @@ class LoraSettings(_Section):
             raise ValueError(f"lora.adapters: duplicate names {dup}")
         if len(names) > self.max_adapters:
             raise ValueError("lora.adapters: more adapters than lora.max_adapters")
-        try:
-            PlacementSettings(**self.placement)
-        except TypeError as exc:
-            raise ValueError(f"lora.placement: {exc}") from exc
         return self
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """The overrides typed as :class:`routing.lora.PlacementSettings` declares them
+        (``SWITCHYARD_LORA__PLACEMENT__PRELOAD=false`` arrives as the string "false", which
+        would be true): coerced, checked, only the keys given kept."""
+        known = {f.name for f in dataclasses.fields(PlacementSettings)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"lora.placement: unknown settings {unknown}")
+        try:
+            typed = TypeAdapter(PlacementSettings).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"lora.placement: {exc}") from exc
+        return {name: getattr(typed, name) for name in value}
 
 
 class Settings(BaseSettings):

@@ -383,6 +383,19 @@ def test_lora_settings_validation() -> None:
         Settings.model_validate({"lora": {"configmap": {"name": "x"}}})
 
 
+def test_placement_overrides_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the environment every value is a string: "false" must turn the preload off (a
+    non-empty string is true), "10" must be a number (compared with floats)."""
+    monkeypatch.setenv("SWITCHYARD_LORA__PLACEMENT__PRELOAD", "false")
+    monkeypatch.setenv("SWITCHYARD_LORA__PLACEMENT__MIN_RESIDENCY_S", "10")
+    placement = Settings().lora.placement
+    assert placement == {"preload": False, "min_residency_s": 10.0}
+    assert PlacementSettings(**placement).preload is False
+    for bad in ({"preload": "maybe"}, {"min_residency_s": -1}, {"max_actions": 0}):
+        with pytest.raises(ValidationError, match="placement"):
+            LoraSettings(placement=bad)
+
+
 # -- an on-demand wait whose client leaves -------------------------------------------------
 
 
