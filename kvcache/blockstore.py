@@ -44,6 +44,7 @@ Example::
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -67,11 +68,13 @@ __all__ = [
     "REDIS_ERRORS",
     "AsyncBlockStore",
     "AsyncRedisBlockStore",
+    "BlockRead",
     "BlockStore",
     "Hash",
     "Item",
     "RedisBlockStore",
     "StoreStats",
+    "load_outcome",
 ]
 
 Hash = bytes | int
@@ -100,6 +103,7 @@ class StoreStats:
     hits: int = 0  # blocks get_many returned
     misses: int = 0  # blocks get_many was asked for and returned None
     corrupt: int = 0  # of misses: a value was there but failed the header/checksum checks
+    # (or read_blocks' sink refused it)
     bytes_fetched: int = 0  # payload bytes get_many returned
     puts: int = 0  # blocks written (SET NX succeeded)
     put_existing: int = 0  # blocks not written: the key existed (the first writer wins)
@@ -127,6 +131,27 @@ class _Counters:
 
     def snapshot(self) -> StoreStats:
         return StoreStats(**self.values)
+
+
+class BlockRead(enum.Enum):
+    """How one block of :meth:`RedisBlockStore.read_blocks` came back."""
+
+    HIT = "hit"  # verified and handed to the sink
+    MISS = "miss"  # no value (never written, expired, evicted) or a size-only one
+    BAD = "bad"  # a value was read and is unusable: corrupt, mismatched, refused by the sink
+    FAILED = "failed"  # not read: Redis failed or timed out, or the breaker skipped the call
+
+
+def load_outcome(reads: Sequence[BlockRead]) -> tuple[int, list[int]]:
+    """``(blocks loaded, indices to delete)`` for a load of a chain of blocks (the vLLM
+    connector's): the chain is usable up to its first block that is not a :attr:`~BlockRead.HIT`;
+    only values that were read and found :attr:`~BlockRead.BAD` are to be deleted (a bad value
+    would fail every later load until its TTL, and ``SET NX`` could never replace it). A miss
+    has nothing to delete; a :attr:`~BlockRead.FAILED` block was never read (Redis down, a
+    timeout, the breaker open) and may be fine: deleting it would take a valid block from every
+    engine sharing the tier. Blocks after the first gap that came back fine stay too."""
+    loaded = next((i for i, r in enumerate(reads) if r is not BlockRead.HIT), len(reads))
+    return loaded, [i for i in range(loaded, len(reads)) if reads[i] is BlockRead.BAD]
 
 
 class BlockStore(Protocol):
@@ -222,10 +247,11 @@ class _Decoder:
         self,
         ns: TierNamespace,
         hashes: Sequence[Hash],
-        sink: Callable[[int, memoryview], None] | None = None,
+        sink: Callable[[int, memoryview], bool | None] | None = None,
     ) -> None:
         self.ns, self.hashes, self.sink = ns, hashes, sink
         self.hits = self.corrupt = self.nbytes = 0
+        self.reads = [BlockRead.FAILED] * len(hashes)  # until its reply is read
 
     def _view(self, i: int, value: Buffer | int | None) -> memoryview | None:
         if value is None or isinstance(value, int):
@@ -244,13 +270,22 @@ class _Decoder:
         view = self._view(i, value)
         return None if view is None else view.tobytes()
 
-    def deliver(self, i: int, value: Buffer | int | None) -> bool:
+    def deliver(self, i: int, value: Buffer | int | None) -> BlockRead:
+        """Hand block ``i`` to the sink if it verifies; its outcome also lands in ``reads``."""
+        corrupt = self.corrupt
         view = self._view(i, value)
         if view is None:
-            return False
-        assert self.sink is not None
-        self.sink(i, view)
-        return True
+            read = BlockRead.BAD if self.corrupt > corrupt else BlockRead.MISS
+        else:
+            assert self.sink is not None
+            read = BlockRead.HIT
+            if self.sink(i, view) is False:  # the caller refused it (e.g. not its block size)
+                self.hits -= 1
+                self.nbytes -= len(view)
+                self.corrupt += 1
+                read = BlockRead.BAD
+        self.reads[i] = read
+        return read
 
 
 class _Core:
@@ -402,26 +437,41 @@ class RedisBlockStore(_Core):
         return self._got(decoder, out)
 
     def read_many(
-        self, ns: TierNamespace, hashes: Sequence[Hash], sink: Callable[[int, memoryview], None]
+        self,
+        ns: TierNamespace,
+        hashes: Sequence[Hash],
+        sink: Callable[[int, memoryview], bool | None],
     ) -> list[bool]:
         """Like :meth:`get_many` without the copy: ``sink(i, payload)`` gets each verified
         block straight from the receive buffer (valid during the call only; copy it into the
         KV cache there). Returns which blocks were delivered. A payload is only handed over
         after its checksum passed. Not in :class:`BlockStore`: an optional fast path.
+        :meth:`read_blocks` says why a block was not delivered.
+        """
+        return [r is BlockRead.HIT for r in self.read_blocks(ns, hashes, sink)]
+
+    def read_blocks(
+        self,
+        ns: TierNamespace,
+        hashes: Sequence[Hash],
+        sink: Callable[[int, memoryview], bool | None],
+    ) -> list[BlockRead]:
+        """:meth:`read_many` telling each block's outcome (:class:`BlockRead`): ``HIT``
+        (delivered), ``MISS`` (no value), ``BAD`` (a value was read and failed the checks, or
+        ``sink`` returned ``False``: refused it) or ``FAILED`` (not read: the call failed or
+        the breaker skipped it; on a failure mid-reply the blocks read before it keep theirs).
         """
         if not hashes:
             return []
         if not self._allowed():
             self._missed(hashes)
-            return [False] * len(hashes)
+            return [BlockRead.FAILED] * len(hashes)
         decoder = _Decoder(ns, hashes, sink)
         try:
-            out = self._client.pipeline([(b"GET", k) for k in _keys(ns, hashes)], decoder.deliver)
+            self._client.pipeline([(b"GET", k) for k in _keys(ns, hashes)], decoder.deliver)
         except REDIS_ERRORS:
             self._failed()
-            self._missed(hashes)
-            return [False] * len(hashes)
-        return self._got(decoder, out)
+        return self._got(decoder, decoder.reads)
 
     def put_many(self, ns: TierNamespace, items: Sequence[Item], *, ttl_s: float) -> int:
         if not items or not self._allowed():

@@ -54,7 +54,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 from vllm.logger import init_logger
 
-from kvcache.blockstore import RedisBlockStore
+from kvcache.blockstore import BlockRead, RedisBlockStore, load_outcome
 from kvcache.breakeven import BandwidthMeter, TierCost
 from kvcache.hashing import hash_token_blocks
 from kvcache.tier import TierNamespace, residency_namespace
@@ -331,16 +331,17 @@ class SwitchyardRedisConnector(KVConnectorBase_V1):  # type: ignore[misc]
         started = time.perf_counter()
         if self._cfg.test_evict_marker and self._cfg.test_evict_marker in load.req_id:
             self._test_evict(load.hashes)
-        copied = [False] * len(load.block_ids)
 
-        def sink(i: int, payload: memoryview) -> None:
-            # Straight from the store's receive buffer (checksum verified) into the paged KV.
-            if len(payload) == self._block_bytes:
-                self._write_block(load.block_ids[i], payload)
-                copied[i] = True
+        def sink(i: int, payload: memoryview) -> bool:
+            # Straight from the store's receive buffer (checksum verified) into the paged KV;
+            # a value of another size is refused (reported BAD: deleted like a corrupt one).
+            if len(payload) != self._block_bytes:
+                return False
+            self._write_block(load.block_ids[i], payload)
+            return True
 
-        self._store.read_many(self._ns, load.hashes, sink)
-        loaded = next((i for i, ok in enumerate(copied) if not ok), len(copied))
+        reads = self._store.read_blocks(self._ns, load.hashes, sink)
+        loaded, bad = load_outcome(reads)
         micros = int((time.perf_counter() - started) * 1e6)
         failed = load.block_ids[loaded:]
         self._counts.add(
@@ -354,18 +355,25 @@ class SwitchyardRedisConnector(KVConnectorBase_V1):  # type: ignore[misc]
             # nothing this request saves this step is valid.
             self._load_errors.update(failed)
             self._failed_reqs.add(load.req_id)
-            self._forget(load.hashes[loaded:])
+            self._forget([load.hashes[i] for i in bad])
             logger.warning(
-                "Switchyard KV tier: request %s loaded %d of %d blocks; %d recomputed",
+                "Switchyard KV tier: request %s loaded %d of %d blocks; %d recomputed "
+                "(%d missing, %d bad: deleted, %d not read: Redis failed or the breaker is open)",
                 load.req_id,
                 loaded,
                 len(load.block_ids),
                 len(failed),
+                sum(r is BlockRead.MISS for r in reads),
+                len(bad),
+                sum(r is BlockRead.FAILED for r in reads),
             )
 
     def _forget(self, hashes: Sequence[bytes]) -> None:
-        """Delete the keys of blocks that failed to load: a corrupt or mismatched value would
-        fail every later load until its TTL, and ``SET NX`` could never replace it."""
+        """Delete the keys of values that were read and found corrupt or mismatched
+        (:func:`kvcache.blockstore.load_outcome` picks them): such a value would fail every
+        later load until its TTL, and ``SET NX`` could never replace it. Never the keys of
+        blocks that were not read (Redis down, a timeout, the breaker open): they may be
+        valid, and every engine shares them."""
         if hashes:
             self._deleter.delete(self._ns, hashes)
 

@@ -8,7 +8,14 @@ from typing import cast
 import pytest
 import redis
 
-from kvcache.blockstore import AsyncRedisBlockStore, RedisBlockStore, StoreStats, _RedisPy
+from kvcache.blockstore import (
+    AsyncRedisBlockStore,
+    BlockRead,
+    RedisBlockStore,
+    StoreStats,
+    _RedisPy,
+    load_outcome,
+)
 from kvcache.tier import HEADER, TierNamespace, block_key, encode_block, residency_namespace
 from tests.redis_server import RedisServer
 from tests.redis_topologies import RedisCluster
@@ -275,3 +282,87 @@ def test_redis_py_path_refuses_unexpected_replies(redis_server: RedisServer) -> 
     with pytest.raises(TypeError, match="unexpected reply"):
         _RedisPy(client).pipeline([(b"KEYS", b"*")], lambda i, r: r)
     client.close()
+
+
+def _load_and_forget(store: RedisBlockStore, raw: redis.Redis, hashes: list[bytes]) -> int:
+    """What the vLLM connector's worker does with a load (kvcache/vllm_connector.py
+    ``_load``): read the chain, keep its leading hits, delete the keys load_outcome names."""
+
+    def sink(i: int, view: memoryview) -> bool:
+        return len(view) != len(PAYLOADS[5])  # refuses block 5: "not its block size"
+
+    loaded, bad = load_outcome(store.read_blocks(NS, hashes, sink))
+    if bad:
+        raw.delete(*(block_key(NS, hashes[i]) for i in bad))
+    return loaded
+
+
+def _present(raw: redis.Redis, hashes: list[bytes]) -> list[bool]:
+    return [bool(raw.exists(block_key(NS, h))) for h in hashes]
+
+
+def test_read_blocks_tells_miss_bad_and_hit(store: RedisBlockStore, raw: redis.Redis) -> None:
+    store.put_many(NS, list(zip(HASHES[:7], PAYLOADS[:7], strict=True)), ttl_s=60)
+    raw.set(block_key(NS, HASHES[2]), b"corrupt")
+    raw.delete(block_key(NS, HASHES[3]))
+    raw.set(block_key(NS, HASHES[4]), raw.get(block_key(NS, HASHES[0])) or b"")  # mismatched
+    got: list[int] = []
+
+    def sink(i: int, view: memoryview) -> bool:
+        got.append(i)
+        return i != 5  # the caller refuses block 5
+
+    reads = store.read_blocks(NS, HASHES[:7], sink)
+    H, M, B = BlockRead.HIT, BlockRead.MISS, BlockRead.BAD
+    assert reads == [H, H, B, M, B, B, H]
+    assert got == [0, 1, 5, 6]
+    assert load_outcome(reads) == (2, [2, 4, 5])
+    stats = store.stats()
+    assert stats.hits == 3 and stats.misses == 4 and stats.corrupt == 3
+    assert stats.bytes_fetched == sum(len(PAYLOADS[i]) for i in (0, 1, 6))
+
+
+def test_load_deletes_only_values_read_bad(store: RedisBlockStore, raw: redis.Redis) -> None:
+    store.put_many(NS, list(zip(HASHES[:7], PAYLOADS[:7], strict=True)), ttl_s=60)
+    raw.set(block_key(NS, HASHES[2]), b"corrupt")
+    raw.delete(block_key(NS, HASHES[3]))
+    assert _load_and_forget(store, raw, HASHES[:7]) == 2
+    # The corrupt one and the refused one are gone; the blocks after the gap that came back
+    # fine stay for the next load (and for every other engine).
+    assert _present(raw, HASHES[:7]) == [True, True, False, False, True, False, True]
+
+
+def test_load_with_the_breaker_open_deletes_nothing(
+    redis_server: RedisServer, raw: redis.Redis
+) -> None:
+    store = RedisBlockStore.from_url(redis_server.url, timeout_s=1.0, clock=Clock())
+    store.put_many(NS, list(zip(HASHES[:4], PAYLOADS[:4], strict=True)), ttl_s=60)
+    store.record_failure()  # an earlier failure: the breaker is open, nothing is read
+    assert store.read_blocks(NS, HASHES[:4], lambda i, v: True) == [BlockRead.FAILED] * 4
+    assert _load_and_forget(store, raw, HASHES[:4]) == 0
+    assert _present(raw, HASHES[:4]) == [True] * 4
+    assert store.stats().skipped == 2
+    store.close()
+
+
+def test_load_that_times_out_deletes_nothing(redis_server: RedisServer, raw: redis.Redis) -> None:
+    store = RedisBlockStore.from_url(redis_server.url, timeout_s=0.2)
+    store.put_many(NS, list(zip(HASHES[:4], PAYLOADS[:4], strict=True)), ttl_s=60)
+    raw.execute_command("CLIENT", "PAUSE", "5000", "ALL")  # the store's GETs time out
+    try:
+        assert store.read_blocks(NS, HASHES[:4], lambda i, v: True) == [BlockRead.FAILED] * 4
+        assert load_outcome([BlockRead.FAILED] * 4) == (0, [])
+    finally:
+        raw.execute_command("CLIENT", "UNPAUSE")
+    assert _present(raw, HASHES[:4]) == [True] * 4
+    assert store.stats().errors == 1
+    store.close()
+
+
+def test_load_with_redis_down_deletes_nothing(redis_server: RedisServer) -> None:
+    store = RedisBlockStore.from_url(redis_server.url, timeout_s=0.5)
+    redis_server.stop()
+    reads = store.read_blocks(NS, HASHES[:3], lambda i, v: True)
+    assert reads == [BlockRead.FAILED] * 3
+    assert load_outcome(reads) == (0, [])
+    store.close()
