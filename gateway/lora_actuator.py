@@ -63,6 +63,10 @@ MAX_ANSWER = 64 * 1024
 """Bytes of a load/unload answer read (an error message); the rest is dropped."""
 
 
+def _noop() -> None:
+    pass
+
+
 class LoraBook:
     """Per engine: adapter -> clock seconds it was loaded (or first seen), and the loads in
     flight. ``clock`` is monotonic seconds (the placement decisions' ``now``);
@@ -85,6 +89,30 @@ class LoraBook:
         self._loading: dict[str, set[str]] = {}
         self._preloaded: dict[str, set[str]] = {}
         """Per engine: adapters our preload loaded there (``reason="preload"``)."""
+        self._leaving: dict[tuple[str, str], int] = {}
+        """(engine, adapter) -> unloads decided or in flight there (not counted held)."""
+
+    def leave(self, engine_id: str, adapter: str) -> Callable[[], None]:
+        """An unload of ``adapter`` from the engine was decided or runs: until the returned
+        release is called (idempotent), :meth:`slots` no longer lists it there, so a second
+        decision made meanwhile neither picks it as its victim too (two loads into one freed
+        slot) nor counts its slot."""
+        key = (engine_id, adapter)
+        self._leaving[key] = self._leaving.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            left = self._leaving[key] - 1
+            if left:
+                self._leaving[key] = left
+            else:
+                del self._leaving[key]
+
+        return release
 
     def loaded(self, engine_id: str) -> Mapping[str, float]:
         return self._loaded.get(engine_id, {})
@@ -178,7 +206,11 @@ class LoraBook:
             if base is None:
                 continue
             book = self._loaded.get(state.id, {})
-            loaded = {c.id: book.get(c.id, now) for c in state.models if c.parent}
+            loaded = {
+                c.id: book.get(c.id, now)
+                for c in state.models
+                if c.parent and (state.id, c.id) not in self._leaving
+            }
             snap = state.snapshot()
             out.append(
                 EngineSlots(
@@ -394,6 +426,10 @@ class LoraActuator:
         self._loads[key] = future
         self.book.begin(state, spec.name)
 
+        # From the decision on, no other decision picks the same victim (released once the
+        # unload is done, or with the task however it ends).
+        release = self.book.leave(state.id, make_room) if make_room else _noop
+
         async def run() -> None:
             try:
                 if make_room is not None:
@@ -401,6 +437,8 @@ class LoraActuator:
                         await self.unload(state, make_room, reason="make_room")
                     except GatewayError as exc:
                         log.warning("making room on %s failed: %s", state.id, exc.message)
+                    finally:
+                        release()
                 await self.load(state, spec, reason=reason)
             except GatewayError as exc:
                 if not future.done():
@@ -423,6 +461,7 @@ class LoraActuator:
         task = loop.create_task(run(), name=f"lora-load:{spec.name}@{state.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: release())
         return future
 
     async def load(self, state: EndpointState, spec: AdapterSpec, *, reason: str) -> None:
@@ -468,10 +507,14 @@ class LoraActuator:
         pending = self._loads.get((adapter, state.id))
         if pending is not None:
             await asyncio.wait({pending}, timeout=self._settings.request_timeout_s)
-        async with self._exclusive(adapter, state.id):
-            status, message = await self._call(
-                state, "unload", adapter, {"lora_name": adapter}, reason
-            )
+        release = self.book.leave(state.id, adapter)
+        try:
+            async with self._exclusive(adapter, state.id):
+                status, message = await self._call(
+                    state, "unload", adapter, {"lora_name": adapter}, reason
+                )
+        finally:
+            release()
         if status == 404:
             self._count("unload", reason, "ok")
             log.info("adapter %s was not on %s (%s); the next /v1/models decides",

@@ -6,6 +6,7 @@ client leaves or whose gateway shuts down."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -652,6 +653,68 @@ def _backoff_parts(
 
 
 LOAD_PATH = "/v1/load_lora_adapter"
+
+
+class RecordingEngine:
+    """Answers loads and unloads 200; records each call's ``lora_name`` per path; its
+    unloads take ``unload_s`` (the second decision happens while the first one runs)."""
+
+    def __init__(self, unload_s: float) -> None:
+        self.unload_s = unload_s
+        self.names: dict[str, list[str]] = {}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.names.setdefault(scope["path"], []).append(json.loads(body)["lora_name"])
+        if scope["path"].endswith("/unload_lora_adapter"):
+            await anyio.sleep(self.unload_s)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.anyio
+async def test_concurrent_on_demand_loads_make_room_with_different_victims() -> None:
+    """A full engine and two first requests for different adapters at once: the second
+    decision, made while the first victim's unload runs, picks another victim (it used to
+    pick the same one: both loads landed, one slot over the engine's capacity)."""
+    engine = RecordingEngine(unload_s=0.3)
+    now = [100.0]
+    with ServerThread(engine) as srv:
+        reg = EndpointRegistry()
+        state = reg.add(srv.url, endpoint_id="e1")
+        state.set_models([ModelCard("base"), ModelCard("p0", parent="base"),
+                          ModelCard("p1", parent="base")])  # fmt: skip
+        state.record_probe(True, fail_threshold=1, success_threshold=1)
+        specs = [_spec("x"), _spec("y")]
+        placement = PlacementSettings(min_residency_s=0.0, min_idle_s=0.0)
+        settings = LoraSettings(max_loras=2, load_timeout_s=5.0, request_timeout_s=5.0)
+        metrics = LoraMetrics.create(CollectorRegistry())
+        book = LoraBook(clock=lambda: now[0], default_max_loras=2)
+        book.reconcile(reg)
+        control = Upstream.for_control(Settings().proxy)
+        actuator = LoraActuator(client=control, adapters=AdapterRegistry(specs=specs),
+                                book=book, settings=settings, metrics=metrics)  # fmt: skip
+        loader = OnDemandLoader(endpoints=reg, actuator=actuator, settings=settings,
+                                placement=placement, metrics=metrics, last_used=dict)  # fmt: skip
+        try:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for spec in specs:
+                        tg.start_soon(loader.ensure, spec)
+            assert sorted(engine.names["/v1/unload_lora_adapter"]) == ["p0", "p1"]
+            assert sorted(engine.names["/v1/load_lora_adapter"]) == ["x", "y"]
+            held = {c.id for c in state.models if c.parent}
+            assert held == {"x", "y"}
+        finally:
+            await actuator.aclose()
+            await control.aclose()
 
 
 @pytest.mark.anyio
