@@ -32,7 +32,9 @@ are split by node (one round trip per node, all sent before any is read).
 
 **Bounds**: a bounded connection pool (``max_connections``; a caller waits at most
 ``timeout_s`` for a connection), socket connect/read timeouts of ``timeout_s``, no client
-retries (redis-py 6 retries 3 times by default; a retry is the caller's decision).
+retries (redis-py 6 retries 3 times by default; a retry is the caller's decision). The one
+exception: :class:`~kvcache.resp.RespClient` sends a call again, once, when a pooled connection
+turns out closed by the server before any reply byte (a Redis restart, an idle timeout).
 
 Example::
 

@@ -14,7 +14,10 @@ Scope: one Redis server over TCP (``redis://``, ``rediss://`` with TLS) or a Uni
 ``+``, ``-``, ``:``, ``$`` (no arrays: the tier sends GET, EXISTS and SET only). Bounded: at
 most ``max_connections`` sockets (a caller waits at most ``timeout_s`` for one), every socket
 operation times out after ``timeout_s``; a connection that saw any error is closed, never
-reused. Thread-safe (vLLM may call from several threads).
+reused. A pooled connection the server closed while it sat idle (a Redis restart, its
+``timeout`` setting, ``CLIENT KILL``) is found on the next call and that call is sent once more
+on a fresh connection (:meth:`RespClient.pipeline` says exactly when). Thread-safe (vLLM may
+call from several threads).
 
 Example::
 
@@ -44,6 +47,10 @@ Reply = memoryview | int | None
 
 _CHUNK = 65536
 _SMALL = 16384  # arguments up to this size are joined into one send; larger ones go alone
+
+
+_STALE = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+"""The peer closed the connection (EOF, ECONNRESET, EPIPE, a TLS close); a timeout is not one."""
 
 
 class RespError(Exception):
@@ -111,6 +118,7 @@ class _Conn:
         self.buf = bytearray(_CHUNK)
         self.start = self.end = 0
         self.scratch = bytearray()
+        self.received = 0  # bytes read from the socket, ever
 
     def _fill(self) -> None:
         if self.start == self.end:
@@ -123,6 +131,7 @@ class _Conn:
         if n == 0:
             raise ConnectionError("Redis closed the connection")
         self.end += n
+        self.received += n
 
     def _line(self) -> bytes:
         while True:
@@ -153,6 +162,7 @@ class _Conn:
             if n == 0:
                 raise ConnectionError("Redis closed the connection")
             got += n
+            self.received += n
         return target[:length]
 
     def reply(self) -> Reply | RespError:
@@ -226,25 +236,29 @@ class RespClient:
             connect, handshake=handshake, max_connections=max_connections, timeout_s=timeout_s
         )
 
-    def _acquire(self) -> _Conn:
+    def _acquire(self) -> tuple[_Conn, bool]:
+        """A connection and whether it came from the idle pool (it may have gone stale)."""
         if not self._slots.acquire(timeout=self._timeout_s):
             raise TimeoutError("no Redis connection free within the timeout")
         try:
-            return self._idle.get_nowait()
+            return self._idle.get_nowait(), True
         except queue.Empty:
             pass
         try:
-            conn = _Conn(self._connect())
+            return self._open(), False
         except BaseException:
             self._slots.release()
             raise
+
+    def _open(self) -> _Conn:
+        """A new connection, handshake done (the caller holds its slot)."""
+        conn = _Conn(self._connect())
         try:
             if self._handshake:
                 self._run(conn, self._handshake, lambda _i, _r: None)
             return conn
         except BaseException:
             conn.sock.close()
-            self._slots.release()
             raise
 
     def _run(
@@ -270,11 +284,31 @@ class RespClient:
         One round trip. An error reply raises :class:`RespError` after all replies were read
         (the connection stays in step); a socket error or timeout raises ``OSError`` and
         closes the connection.
+
+        A connection taken from the idle pool may have been closed by the server meanwhile
+        (a restart, its idle ``timeout``, ``CLIENT KILL``): when sending fails or the reply
+        fails with a connection error (EOF, ``ECONNRESET``, ``EPIPE``) *before any byte of a
+        reply was read*, the commands are sent once more on a new connection. Only then:
+        never after part of a reply was read (``handle`` may have seen it), never after a
+        timeout (the server may just be slow), never on a connection opened for this call, and
+        at most once. Sending the commands twice is safe because the ones the tier sends are
+        idempotent: ``GET``, ``EXISTS``, ``DEL``, ``EVALSHA`` of a read-only script, and
+        ``SET NX`` (a repeat of one that was executed finds the key and writes nothing).
+        Without the retry every stale idle socket (up to ``max_connections``) would fail a
+        call in turn, and each failure opens the store's breaker for ``retry_s``.
         """
-        conn = self._acquire()
+        conn, pooled = self._acquire()
+        received = conn.received
         ok = False
         try:
-            out = self._run(conn, commands, handle)
+            try:
+                out = self._run(conn, commands, handle)
+            except _STALE:
+                if not pooled or conn.received != received:  # a reply had begun: not stale
+                    raise
+                conn.sock.close()
+                conn = self._open()  # the slot stays ours; if this fails, the call fails
+                out = self._run(conn, commands, handle)
             ok = True
             return out
         except RespError:

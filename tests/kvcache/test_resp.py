@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from kvcache.blockstore import RedisBlockStore
 from kvcache.resp import Reply, RespClient, RespError, kernel_timeouts
+from kvcache.tier import TierNamespace
 from tests.processes import die_with_parent, reap
 from tests.redis_server import RedisServer
 
@@ -277,3 +279,105 @@ def test_kernel_timeouts_unsupported_keeps_python_timeout() -> None:
     sock.settimeout(2.0)
     sock.close()  # setsockopt fails (EBADF), as on a platform without the options
     assert kernel_timeouts(sock, 1.0) is sock and sock.gettimeout() == 2.0
+
+
+def _pooled(c: RespClient, n: int) -> None:
+    """Leave ``n`` connections in ``c``'s idle pool (``n`` pipelines held open together)."""
+    barrier = threading.Barrier(n, timeout=5.0)
+
+    def hold(_i: int, reply: Reply) -> bytes | int | None:
+        barrier.wait()
+        return _bytes(_i, reply)
+
+    threads = [threading.Thread(target=c.pipeline, args=([(b"PING",)], hold)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10.0)
+
+
+def test_idle_connections_killed_by_the_server_are_replaced(
+    redis_server: RedisServer,
+) -> None:
+    """A Redis restart or its idle ``timeout`` closes pooled sockets (here ``CLIENT KILL``):
+    each call that meets one sends again on a new connection; no call fails, the breaker
+    stays closed."""
+    c = RespClient.from_url(redis_server.url, max_connections=4, timeout_s=2.0)
+    _pooled(c, 4)
+    admin = redis.Redis.from_url(redis_server.url)
+    assert len(admin.client_list(_type="normal")) == 5  # the pool's 4 and admin
+    assert admin.execute_command("CLIENT", "KILL", "TYPE", "normal") == 4  # not admin itself
+    store = RedisBlockStore(c)
+    ns = TierNamespace(model="m", block_size=16, layout="test")
+    hashes = [bytes([i]) * 32 for i in range(4)]
+    assert store.put_many(ns, [(h, b"v" * 100) for h in hashes], ttl_s=60) == 4
+    assert store.lookup(ns, hashes) == 4
+    assert store.get_many(ns, hashes) == [b"v" * 100] * 4
+    assert store.read_many(ns, hashes, lambda i, v: None) == [True] * 4
+    assert store.stats().errors == 0 and store.stats().skipped == 0
+    _pooled(c, 4)  # every pooled connection is live again
+    assert c.pipeline([(b"PING",)], _bytes) == [b"PONG"]
+    admin.close()
+    c.close()
+
+
+class Scripted:
+    """A fake socket: each ``sendall`` makes the next scripted reply readable; ``None``
+    scripts a timeout. After a reply's bytes: EOF."""
+
+    def __init__(self, replies: list[bytes | None]) -> None:
+        self.replies = replies
+        self.data: bytes | None = b""
+
+    def sendall(self, data: bytes | memoryview, /) -> None:
+        self.data = self.replies.pop(0)
+
+    def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0, /) -> int:
+        if self.data is None:
+            raise TimeoutError("timed out")
+        n = min(len(self.data), len(buffer))
+        buffer[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+    def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("second", "retried"),
+    [
+        (b"", True),  # EOF before any reply byte: stale, sent again on a new connection
+        (b"+OK\r\n$10\r\nabc", False),  # EOF inside a reply: handle saw part of it
+        (None, False),  # a timeout: the server may be slow, never sent twice
+    ],
+    ids=["eof", "partial reply", "timeout"],
+)
+def test_only_a_stale_pooled_connection_is_retried(second: bytes | None, retried: bool) -> None:
+    sockets = [Scripted([b"+OK\r\n", second]), Scripted([b"+OK\r\n+OK\r\n"])]
+    connects: list[Scripted] = []
+
+    def connect() -> Scripted:
+        connects.append(sockets[len(connects)])
+        return connects[-1]
+
+    c = RespClient(connect, max_connections=1, timeout_s=1.0)
+    assert c.pipeline([(b"SET", b"k", b"v")], _bytes) == [b"OK"]  # pooled now
+    if retried:
+        assert c.pipeline([(b"SET", b"k", b"v"), (b"GET", b"k")], _bytes) == [b"OK", b"OK"]
+    else:
+        with pytest.raises(OSError):
+            c.pipeline([(b"SET", b"k", b"v"), (b"GET", b"k")], _bytes)
+    assert len(connects) == (2 if retried else 1)
+
+
+def test_a_new_connection_is_not_retried() -> None:
+    connects: list[Scripted] = []
+
+    def connect() -> Scripted:
+        connects.append(Scripted([b""]))
+        return connects[-1]
+
+    with pytest.raises(ConnectionError, match="closed"):
+        RespClient(connect).pipeline([(b"GET", b"k")], _bytes)
+    assert len(connects) == 1
