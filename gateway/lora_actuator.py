@@ -63,6 +63,11 @@ MAX_ANSWER = 64 * 1024
 """Bytes of a load/unload answer read (an error message); the rest is dropped."""
 
 
+BEFORE_US = 1e9
+"""Seconds before ``now`` that an adapter an engine held before this process first saw its
+model list is dated: long past any minimum residency, least recently used of all."""
+
+
 def _noop() -> None:
     pass
 
@@ -158,22 +163,28 @@ class LoraBook:
 
     def reconcile(self, endpoints: EndpointRegistry) -> tuple[int, int]:
         """Follow what the engines list: adapters seen without our load are recorded from
-        now, adapters gone (a restart, an unload by hand) are forgotten; engines gone are
-        dropped. Returns (appeared, vanished)."""
+        now -- except those an engine already listed the first time this process saw its
+        model list (a gateway restart, a worker that does not run the controller): they were
+        loaded before it looked, are dated :data:`BEFORE_US` and so are past minimum
+        residency; adapters gone (a restart, an unload by hand) are forgotten; engines gone
+        are dropped. Returns (appeared, vanished)."""
         now = self.clock()
         appeared = vanished = 0
         present: set[str] = set()
         for state in endpoints:
             present.add(state.id)
             self.publish(state)
+            if not state.models:
+                continue  # not probed yet: nothing known, and not "seen" either
             listed = {card.id for card in state.models if card.parent}
+            first = state.id not in self._loaded
             book = self._loaded.setdefault(state.id, {})
             for gone in [a for a in book if a not in listed]:
                 del book[gone]
                 self._forget_preload(state.id, gone)
                 vanished += 1
             for name in listed - book.keys():
-                book[name] = now
+                book[name] = now - BEFORE_US if first else now
                 appeared += 1
         for eid in [e for e in self._loaded if e not in present]:
             del self._loaded[eid]

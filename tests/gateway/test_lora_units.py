@@ -29,7 +29,7 @@ from gateway.errors import (
     UpstreamTimeout,
     error_headers,
 )
-from gateway.lora_actuator import LoadBackoff, LoraActuator, LoraBook, _message
+from gateway.lora_actuator import BEFORE_US, LoadBackoff, LoraActuator, LoraBook, _message
 from gateway.lora_loader import OnDemandLoader
 from gateway.lora_metrics import LoraMetrics
 from gateway.placement import DemandTracker, PlacementController
@@ -37,7 +37,7 @@ from gateway.settings import DiscoverySettings, LoraConfigMapSettings, LoraSetti
 from gateway.shutdown import InFlight
 from gateway.upstream import Upstream
 from gateway.workers import worker_settings
-from routing.lora import PlacementSettings
+from routing.lora import PlacementAction, PlacementSettings, choose_for_load
 from routing.metrics_parser import EngineMetrics
 from tests.gateway.lorasim import FakeKubeApi, write_kubeconfig
 from tests.gateway.servers import ServerThread, wait_until
@@ -87,6 +87,34 @@ def test_registry_sync_replaces_one_origin_only() -> None:
     version = reg.version
     assert reg.sync(cm, [_spec("x", cm, source="/m/new")]) == ([], [])
     assert reg.version == version  # no change, no new version
+
+
+def test_adapters_held_before_the_book_first_looked_are_past_residency() -> None:
+    """A gateway restart or a worker without the controller: what an engine already listed
+    the first time this process saw its model list was loaded before it looked (its
+    preloads, say) and must not hold a slot for min_residency_s; what appears later does."""
+    now = [500.0]
+    book = LoraBook(clock=lambda: now[0], default_max_loras=2)
+    reg = _engines()
+    e1, e2 = reg.get("e1"), reg.get("e2")
+    assert e1 is not None and e2 is not None
+    e1.set_models([ModelCard("base"), ModelCard("old", parent="base")])
+    e2.set_models([])  # not probed yet
+    book.reconcile(reg)
+    e2.set_models([ModelCard("base"), ModelCard("there", parent="base")])  # first seen now
+    now[0] = 510.0
+    e1.set_models([ModelCard("base"), ModelCard("old", parent="base"),
+                   ModelCard("new", parent="base")])  # fmt: skip
+    assert book.reconcile(reg) == (2, 0)
+    slots = {s.engine_id: s for s in book.slots(reg, last_used={})}
+    assert slots["e1"].loaded == {"old": 500.0 - BEFORE_US, "new": 510.0}
+    assert slots["e2"].loaded == {"there": 510.0 - BEFORE_US}
+    settings = PlacementSettings(min_residency_s=30.0, min_idle_s=5.0)
+    # e1 full: "old" makes room at once, "new" (appeared since) keeps its residency
+    assert choose_for_load("x", "base", [slots["e1"]], now=now[0], settings=settings) == (
+        PlacementAction("unload", "old", "e1", "make_room"),
+        PlacementAction("load", "x", "e1", "on_demand"),
+    )
 
 
 def test_book_marks_preloads_until_a_request_asks_for_them() -> None:
