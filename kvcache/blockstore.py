@@ -26,9 +26,10 @@ allkeys-lru`` so old blocks make room for new ones (every key also carries the T
 vLLM connector then reports those blocks as load errors and vLLM recomputes them
 (``kv_load_failure_policy: recompute``).
 
-**Cluster**: ``redis+cluster://h1:p1,h2:p2`` builds a ``RedisCluster`` client; keys carry no
-hash tag (:mod:`kvcache.tier`), so a prefix's blocks spread over the shards and the pipelines
-are split by node (one round trip per node, all sent before any is read).
+**Cluster**: ``redis+cluster://[[user]:password@]h1:p1,h2:p2`` builds a ``RedisCluster``
+client (with the URL's user and password); keys carry no hash tag (:mod:`kvcache.tier`), so a
+prefix's blocks spread over the shards and the pipelines are split by node (one round trip per
+node, all sent before any is read).
 
 **Bounds**: a bounded connection pool (``max_connections``; a caller waits at most
 ``timeout_s`` for a connection), socket connect/read timeouts of ``timeout_s``, no client
@@ -50,8 +51,8 @@ import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple, Protocol, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -223,13 +224,29 @@ def _joined(arg: Arg) -> bytes:
     return b"".join(arg) if isinstance(arg, tuple) else arg
 
 
-def _cluster_nodes(url: str) -> list[tuple[str, int]]:
-    hosts = urlsplit(url).netloc.rpartition("@")[2]
+class _ClusterURL(NamedTuple):
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+
+
+def _cluster_url(url: str) -> _ClusterURL:
+    """``redis+cluster://[[user]:password@]h1[:p1][,h2[:p2]...]``: the startup nodes (port
+    6379 by default) and the credentials (percent-decoded; a lone name is a user, as redis-py
+    reads a URL; ``None`` when absent). Every client of a cluster URL (both stores, the
+    connector's deleter) passes them on as ``username``/``password``: a cluster with
+    ``requirepass`` or ACLs refuses a client without them."""
+    userinfo, at, hosts = urlsplit(url).netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
     nodes: list[tuple[str, int]] = []
     for part in hosts.split(","):
         host, _, port = part.rpartition(":")
         nodes.append((host or part, int(port) if port.isdigit() else 6379))
-    return nodes
+    return _ClusterURL(nodes, username, password)
 
 
 def _redispy_bounds(timeout_s: float) -> dict[str, Any]:
@@ -403,9 +420,12 @@ class RedisBlockStore(_Core):
     ) -> RedisBlockStore:
         client: RespClient | RedisCluster
         if url.startswith("redis+cluster://"):
+            target = _cluster_url(url)
             client = RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in _cluster_nodes(url)],  # type: ignore[no-untyped-call]
+                startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],  # type: ignore[no-untyped-call]
                 max_connections=max_connections,
+                username=target.username,
+                password=target.password,
                 **_redispy_bounds(timeout_s),
             )
         else:
@@ -527,9 +547,13 @@ class AsyncRedisBlockStore(_Core):
         bounds = _redispy_bounds(timeout_s)
         client: aioredis.Redis | AsyncRedisCluster
         if url.startswith("redis+cluster://"):
-            nodes = [AsyncClusterNode(h, p) for h, p in _cluster_nodes(url)]
+            target = _cluster_url(url)
             client = AsyncRedisCluster(
-                startup_nodes=nodes, max_connections=max_connections, **bounds
+                startup_nodes=[AsyncClusterNode(h, p) for h, p in target.nodes],
+                max_connections=max_connections,
+                username=target.username,
+                password=target.password,
+                **bounds,
             )
         else:
             pool = aioredis.BlockingConnectionPool.from_url(

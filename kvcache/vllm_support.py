@@ -21,7 +21,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorStats,
 )
 
-from kvcache.blockstore import StoreStats, _cluster_nodes, _redispy_bounds
+from kvcache.blockstore import StoreStats, _cluster_url, _redispy_bounds
 from kvcache.tier import TierNamespace, block_key
 from kvcache.tierplan import (
     COUNTERS,
@@ -136,8 +136,11 @@ class Deleter:
         bounds = _redispy_bounds(self._timeout_s)  # the stores' bounds: no redis-py retries
         if not self._url.startswith("redis+cluster://"):
             return redis.Redis.from_url(self._url, max_connections=1, **bounds)
-        nodes = [ClusterNode(h, p) for h, p in _cluster_nodes(self._url)]  # type: ignore[no-untyped-call]
-        return redis.RedisCluster(startup_nodes=nodes, **bounds)
+        target = _cluster_url(self._url)
+        nodes = [ClusterNode(h, p) for h, p in target.nodes]  # type: ignore[no-untyped-call]
+        return redis.RedisCluster(
+            startup_nodes=nodes, username=target.username, password=target.password, **bounds
+        )
 
     def delete(self, ns: TierNamespace, hashes: Sequence[bytes]) -> bool:
         prefix = ns.prefix

@@ -13,6 +13,7 @@ from kvcache.blockstore import (
     BlockRead,
     RedisBlockStore,
     StoreStats,
+    _cluster_url,
     _RedisPy,
     load_outcome,
 )
@@ -366,3 +367,34 @@ def test_load_with_redis_down_deletes_nothing(redis_server: RedisServer) -> None
     assert reads == [BlockRead.FAILED] * 3
     assert load_outcome(reads) == (0, [])
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "nodes", "username", "password"),
+    [
+        (
+            "redis+cluster://n1:7000,n2:7001,n3",
+            [("n1", 7000), ("n2", 7001), ("n3", 6379)],
+            None,
+            None,
+        ),
+        ("redis+cluster://:s3cret@n1:7000,n2:7001", [("n1", 7000), ("n2", 7001)], None, "s3cret"),
+        ("redis+cluster://kv:pw@n1:1", [("n1", 1)], "kv", "pw"),
+        ("redis+cluster://kv:p%40ss%3Aw@n1:1", [("n1", 1)], "kv", "p@ss:w"),  # percent-decoded
+        ("redis+cluster://kv@n1:1", [("n1", 1)], "kv", None),  # a lone name is a user
+    ],
+)
+def test_cluster_url_keeps_the_credentials(
+    url: str, nodes: list[tuple[str, int]], username: str | None, password: str | None
+) -> None:
+    assert _cluster_url(url) == (nodes, username, password)
+
+
+@pytest.mark.anyio
+async def test_async_cluster_store_is_given_the_credentials() -> None:
+    """The async cluster client connects on first use: its connection settings are checked
+    without a cluster (the sync client and the deleter get the same two arguments)."""
+    store = AsyncRedisBlockStore.from_url("redis+cluster://kv:pw@127.0.0.1:1", timeout_s=0.1)
+    kwargs = store._client.connection_kwargs  # type: ignore[union-attr]
+    assert (kwargs["username"], kwargs["password"]) == ("kv", "pw")
+    await store.aclose()
