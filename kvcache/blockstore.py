@@ -249,6 +249,14 @@ def _cluster_url(url: str) -> _ClusterURL:
     return _ClusterURL(nodes, username, password)
 
 
+def _check_pool(max_connections: int) -> None:
+    """Refuse a pool that could never lend a connection (every call would wait and fail)."""
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ValueError(f"max_connections must be an integer, got {max_connections!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+
+
 def _redispy_bounds(timeout_s: float) -> dict[str, Any]:
     """Both stores' redis-py clients: every socket call bounded, no retries (a failure opens
     the breaker instead)."""
@@ -311,6 +319,8 @@ class _Core:
     """What both stores share: counters, the breaker, accounting."""
 
     def __init__(self, retry_s: float, clock: Callable[[], float]) -> None:
+        if not retry_s >= 0:  # NaN too
+            raise ValueError(f"retry_s must be 0 or more seconds, got {retry_s!r}")
         self._counters = _Counters()
         self._retry_s = retry_s
         self._clock = clock
@@ -418,6 +428,7 @@ class RedisBlockStore(_Core):
         retry_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> RedisBlockStore:
+        _check_pool(max_connections)
         client: RespClient | RedisCluster
         if url.startswith("redis+cluster://"):
             target = _cluster_url(url)
@@ -544,6 +555,7 @@ class AsyncRedisBlockStore(_Core):
         retry_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> AsyncRedisBlockStore:
+        _check_pool(max_connections)
         bounds = _redispy_bounds(timeout_s)
         client: aioredis.Redis | AsyncRedisCluster
         if url.startswith("redis+cluster://"):

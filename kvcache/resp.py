@@ -194,6 +194,8 @@ class RespClient:
         max_connections: int = 8,
         timeout_s: float = 1.0,
     ) -> None:
+        if max_connections < 1:  # a pool that never lends a connection: every call would fail
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
         self._connect = connect
         self._handshake = list(handshake)
         self._timeout_s = timeout_s

@@ -398,3 +398,28 @@ async def test_async_cluster_store_is_given_the_credentials() -> None:
     kwargs = store._client.connection_kwargs  # type: ignore[union-attr]
     assert (kwargs["username"], kwargs["password"]) == ("kv", "pw")
     await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_connections": 0}, "max_connections must be at least 1"),
+        ({"max_connections": -2}, "max_connections must be at least 1"),
+        ({"max_connections": "4"}, "max_connections must be an integer"),
+        ({"retry_s": -1.0}, "retry_s must be 0 or more"),
+        ({"retry_s": float("nan")}, "retry_s must be 0 or more"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_unusable_pool_or_breaker_settings_are_refused(
+    kind: str, kwargs: dict[str, object], match: str
+) -> None:
+    """The vLLM connector builds its stores from kv_connector_extra_config at start-up: a
+    pool of no connections or a negative breaker window fails there, saying which."""
+    cls = RedisBlockStore if kind == "sync" else AsyncRedisBlockStore
+    with pytest.raises(ValueError, match=match):
+        cls.from_url("redis://127.0.0.1:1/0", **kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_s_zero_is_accepted(redis_server: RedisServer) -> None:
+    RedisBlockStore.from_url(redis_server.url, retry_s=0.0, max_connections=1).close()

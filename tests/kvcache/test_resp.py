@@ -381,3 +381,8 @@ def test_a_new_connection_is_not_retried() -> None:
     with pytest.raises(ConnectionError, match="closed"):
         RespClient(connect).pipeline([(b"GET", b"k")], _bytes)
     assert len(connects) == 1
+
+
+def test_a_pool_of_no_connections_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_connections must be at least 1"):
+        RespClient.from_url("redis://127.0.0.1:1/0", max_connections=0)
