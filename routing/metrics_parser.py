@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -151,10 +152,14 @@ def _wanted_lines(text: str) -> str:
 
 
 def _samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
+    """The wanted samples; a NaN or infinite value is left out, as if the series were
+    absent (it means nothing to add or compare, and ``int()`` of it raises)."""
     try:
         for family in text_string_to_metric_families(_wanted_lines(text)):
             for sample in family.samples:
-                yield sample.name, sample.labels, float(sample.value)
+                value = float(sample.value)
+                if math.isfinite(value):
+                    yield sample.name, sample.labels, value
     except (ValueError, TypeError, IndexError) as exc:
         raise MetricsParseError(str(exc)) from exc
 

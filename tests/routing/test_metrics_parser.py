@@ -123,6 +123,18 @@ def test_bad_label_values_are_tolerated() -> None:
     assert (m.block_size, m.num_gpu_blocks) == (None, None)
 
 
+@pytest.mark.parametrize("value", ["NaN", "+Inf", "-Inf"])
+def test_non_finite_values_are_left_out(value: str) -> None:
+    """An engine exporting NaN/Inf must not crash a scrape (int() of it raised)."""
+    text = f"""vllm:num_requests_running{{model_name="m"}} {value}
+vllm:num_requests_running{{model_name="n"}} 2.0
+vllm:num_requests_waiting{{model_name="m"}} {value}
+vllm:kv_cache_usage_perc{{model_name="m"}} {value}
+"""
+    m = parse_vllm_metrics(text)
+    assert (m.running, m.waiting, m.kv_usage) == (2, 0, 0.0)
+
+
 @pytest.mark.parametrize("text", ['vllm:x{a="1" 2\n', "vllm:num_requests_running abc\n"])
 def test_invalid_text_raises(text: str) -> None:
     with pytest.raises(MetricsParseError):
