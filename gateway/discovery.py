@@ -90,6 +90,13 @@ _EVENT_TYPES = frozenset({"added", "modified", "deleted", "bookmark", "error"})
 _RELIST_REASONS = ("gone", "cut", "error")
 _KUBERNETES = "discovery.kind: kubernetes"
 
+
+def _watch_seconds(s: DiscoverySettings) -> int:
+    """The watch's ``timeoutSeconds`` (whole seconds): what the server ends it after, and so
+    what an early end is measured against."""
+    return max(1, round(s.watch_timeout_s))
+
+
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("switchyard_discovery_endpoints", "gauge", "endpoints", when=_KUBERNETES),
     MetricSpec("switchyard_discovery_events_total", "counter", "events",
@@ -220,7 +227,7 @@ class KubeApi:
                 watch=True,
                 resource_version=resource_version,
                 allow_watch_bookmarks=True,
-                timeout_seconds=max(1, round(s.watch_timeout_s)),
+                timeout_seconds=_watch_seconds(s),
                 _preload_content=False,
                 # Connect, then the longest gap between two reads: a server that forgets to end
                 # the watch ends it here.
@@ -450,7 +457,7 @@ class KubernetesDiscovery:
                 if event is None:
                     # The server's timeoutSeconds: watch again from here. Much sooner, the
                     # server cut it (a restart, a broken proxy): list again, as after a cut.
-                    if self._clock() - opened < _EARLY_END * self.settings.watch_timeout_s:
+                    if self._clock() - opened < _EARLY_END * _watch_seconds(self.settings):
                         self._relist(WatchCut("the server ended the watch early"))
                     else:
                         self._failures = 0

@@ -237,6 +237,27 @@ async def test_relist_after_a_broken_watch(fault: str, reason: str) -> None:
     assert discovery.stats.errors == (1 if reason == "error" else 0)
 
 
+async def test_a_fractional_watch_timeout_ends_cleanly_at_its_whole_seconds() -> None:
+    """timeoutSeconds is whole seconds (3.4 -> 3): a watch the server ends at 3 s is its
+    normal end, not a cut (it was compared with 0.9 x 3.4 = 3.06 s: a relist every watch)."""
+    api = FakeApi(pod("a"))
+    now = [0.0]
+    settings = SETTINGS.model_copy(update={"watch_timeout_s": 3.4})
+    discovery = KubernetesDiscovery(
+        settings, endpoints=EndpointRegistry(), api=api, rng=random.Random(1),
+        clock=lambda: now[0],
+    )  # fmt: skip
+    assert await discovery.sync_once()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(discovery.run)
+        await until(lambda: len(api.watches) == 1, "a watch")
+        now[0] += 3.0  # the server's timeoutSeconds=3
+        api.watches[0][1].q.put(None)
+        await until(lambda: len(api.watches) == 2, "watched again")
+        tg.cancel_scope.cancel()
+    assert api.lists == 1 and discovery.stats.relists == {}
+
+
 async def test_api_errors_keep_the_engines_and_back_off() -> None:
     api = FakeApi(pod("a"))
     discovery, registry, _, _ = make(api)
