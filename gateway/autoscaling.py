@@ -33,7 +33,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -44,7 +44,7 @@ from autoscale.actuator import LIMITS, Actuator
 from autoscale.arrivals import ArrivalReader, FleetRateMeter
 from autoscale.clock import Clock, ScaledClock, WallClock
 from autoscale.controller import Controller, ObservationSource
-from autoscale.kube import KubeApi, KubeError, ScaleClient
+from autoscale.kube import KubeApi, KubeError, PodInfo, ScaleClient
 from autoscale.leader import LeaderElector
 from autoscale.metrics import ERROR_KINDS, MAX_REASONS, AutoscalerMetrics
 from autoscale.policies import NAMES as POLICY_NAMES
@@ -140,16 +140,22 @@ class GatewaySource:
         self._warned = False
         self._started = False  # no reading yet
         self._freshness = Freshness(stale_after_s, monotonic=monotonic)
+        self._samples: dict[str, tuple[int, int]] = {}
+        """Per pod in the pool: (first tokens, output tokens) seen at the last observation."""
 
     async def observe(self) -> Observation:
         state = await self.reader.read()
         snapshots = {s.id: s for s in self.endpoints.snapshots()}
         scale = self.latency_scale
-        engines = tuple(_signals(p.name, p.ready, snapshots.get(p.name), scale) for p in state.pods)
+        samples = self._new_samples(state.pods)
+        engines = tuple(
+            _signals(p.name, p.ready, snapshots.get(p.name), scale, samples.get(p.name))
+            for p in state.pods
+        )
         stale = False
-        if self.scraped:
+        if self.scraped:  # a Ready pod not in the pool contributes its readiness only
             stale = self._freshness.stale(
-                (p.name for p in state.pods if p.ready),
+                (p.name for p in state.pods if p.ready and p.name in snapshots),
                 {n: s.scraped_at for n, s in snapshots.items()},
             )
         now = self.clock.now()
@@ -159,6 +165,22 @@ class GatewaySource:
             self._flag(reading.estimated, reading.replicas)
         self._started = True
         return observation(state, now=now, engines=engines, rates=rates, stale=stale)
+
+    def _new_samples(self, pods: Iterable[PodInfo]) -> dict[str, tuple[bool, bool]]:
+        """Per pod in the pool: whether a first token and an output token arrived since the
+        last observation. The TTFT/ITL EWMAs change only with samples and never fade, so an
+        engine without new ones reports no latency (as the standalone source, which reads
+        histogram deltas): an idle fleet has no latency pressure, not its last busy one."""
+        counts: dict[str, tuple[int, int]] = {}
+        for pod in pods:
+            endpoint = self.endpoints.get(pod.name)
+            if endpoint is not None:
+                counts[pod.name] = (endpoint.engine.ttft[1], endpoint.engine.output_tokens_total)
+        before, self._samples = self._samples, counts  # bounded: the target's pods
+        return {
+            name: (ttft > before.get(name, (0, 0))[0], out > before.get(name, (0, 0))[1])
+            for name, (ttft, out) in counts.items()
+        }
 
     def _flag(self, estimated: bool, replicas: int) -> None:
         """Arrivals went from counted to estimated or back: the gauge, and a log line (not
@@ -176,10 +198,17 @@ class GatewaySource:
 
 
 def _signals(
-    name: str, ready: bool, snap: EndpointSnapshot | None, latency_scale: float
+    name: str,
+    ready: bool,
+    snap: EndpointSnapshot | None,
+    latency_scale: float,
+    fresh: tuple[bool, bool] | None,
 ) -> EngineSignals:
+    """``fresh``: whether a first token / an output token arrived since the last reading
+    (the TTFT / ITL is reported only then)."""
     if snap is None:  # not (yet) in the pool: discovery adds it once Ready
         return EngineSignals(id=name, ready=ready)
+    new_ttft, new_itl = fresh or (False, False)
     return EngineSignals(
         id=name,
         ready=ready,
@@ -189,8 +218,10 @@ def _signals(
         in_flight=snap.in_flight,
         in_flight_tokens=snap.in_flight_tokens,
         queued_prompt_tokens=snap.prefill_tokens,
-        ttft_s=None if snap.ttft_ewma_s is None else snap.ttft_ewma_s * latency_scale,
-        itl_s=None if snap.itl_ewma_s is None else snap.itl_ewma_s * latency_scale,
+        ttft_s=None
+        if snap.ttft_ewma_s is None or not new_ttft
+        else snap.ttft_ewma_s * latency_scale,
+        itl_s=None if snap.itl_ewma_s is None or not new_itl else snap.itl_ewma_s * latency_scale,
     )
 
 

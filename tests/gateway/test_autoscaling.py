@@ -121,10 +121,31 @@ async def test_gateway_source_reads_the_registry_and_the_arrivals() -> None:
         3.0, 300.0, 60.0)  # fmt: skip
     assert second.engines[0].queued_prompt_tokens == 0 and second.engines[0].ttft_s == 0.3
     wall[0] = 56.0  # a ready pod never scraped for longer than stale_after_s
-    assert (await source.observe()).stale
+    third = await source.observe()
+    assert third.stale
+    # No first token since the last reading: no TTFT (the EWMA never fades; an idle fleet
+    # must not read as its last busy period), though the EWMA still holds 0.3.
+    assert third.engines[0].ttft_s is None and a.snapshot().ttft_ewma_s == pytest.approx(0.3)
+    again = a.lease(prompt_tokens=10, max_tokens=10)
+    again.first_token(ttft_s=0.3)
     source.latency_scale = 10.0  # compressed time: the gateway's wall seconds, scaled
     assert (await source.observe()).engines[0].ttft_s == pytest.approx(3.0)
     lease.release()
+    again.release()
+
+
+async def test_a_ready_pod_outside_the_pool_contributes_its_readiness_only() -> None:
+    """A Ready pod discovery did not register (another namespace or selector, a skipped
+    pod, static discovery) has no scrape time; it must not hold the loop as stale."""
+    registry = EndpointRegistry()
+    wall = [0.0]
+    reader = Reader([PodInfo("pod-a", "10.0.0.1", True)], replicas=1)
+    source = GatewaySource(reader=reader, endpoints=registry, arrivals=ArrivalCounter(),
+                           clock=Clock(), stale_after_s=5.0, monotonic=lambda: wall[0])  # fmt: skip
+    for t in (0.0, 3.0, 6.0, 60.0):
+        wall[0] = t
+        obs = await source.observe()
+        assert (obs.ready, obs.stale) == (1, False)
 
 
 async def test_without_scraping_only_the_gateway_counts_are_used() -> None:
