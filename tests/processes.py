@@ -6,6 +6,10 @@ import subprocess
 from abc import ABC, abstractmethod
 from typing import Any, Self
 
+from benchmarks.routing.launch import die_with_parent
+
+__all__ = ["Processes", "die_with_parent", "reap"]
+
 
 def reap(proc: subprocess.Popen[Any]) -> None:
     """A test's ``finally``: kill ``proc`` if it still runs, then close its pipes."""
@@ -15,16 +19,6 @@ def reap(proc: subprocess.Popen[Any]) -> None:
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for helper servers: the kernel kills the child when the test run dies
-    (PR_SET_PDEATHSIG), so even a run killed by a timeout leaves nothing behind."""
-    import ctypes
-    import signal
-
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class Processes(ABC):

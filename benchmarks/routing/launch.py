@@ -100,9 +100,10 @@ class Proc:
 
 
 def die_with_parent() -> None:
-    """``preexec_fn``: the kernel kills the child when the benchmark dies (PR_SET_PDEATHSIG,
-    tied to the spawning thread: spawn from the main thread), as ``tests/processes.py`` does
-    for test servers (``tests`` is not an installed package)."""
+    """``preexec_fn``: the kernel kills the child when its parent -- the benchmark, or the
+    test run (tests/processes.py re-exports it) -- dies (PR_SET_PDEATHSIG, tied to the
+    spawning thread: spawn from the main thread), so even a run killed by a timeout leaves
+    nothing behind."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
